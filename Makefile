@@ -1,0 +1,55 @@
+# Tessera: a parameter-server training service.
+#   make demo   set up, build and train Fashion-MNIST on a local cluster
+#   make test   set up, build and run the tests
+# Everything builds into build/; binaries land in build/bin/.
+
+BUILD_DIR ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+CTEST_FLAGS ?=
+
+DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
+	libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
+	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev \
+	dataset-fashion-mnist python3 python3-numpy
+
+.PHONY: all deps build test demo seed bench clean
+
+all: build
+
+# Installs the Debian packages that are missing (needs root or sudo).
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing:" $$missing; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "All Debian packages present."; fi
+
+$(BUILD_DIR)/build.ninja:
+	cmake -S . -B $(BUILD_DIR) -G Ninja $(CMAKE_FLAGS)
+
+build: deps $(BUILD_DIR)/build.ninja
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+# GPU tests are labelled `gpu` and excluded where no GPU is visible.
+test: build
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  label_args=""; else label_args="-LE gpu"; fi; \
+	cd $(BUILD_DIR) && ctest --output-on-failure $$label_args $(CTEST_FLAGS)
+
+demo: build
+	$(BUILD_DIR)/bin/tessera local --job=examples/fashion_mnist_mlp.textproto \
+	  --servers=2 --workers=2 --summary_json=$(BUILD_DIR)/demo-summary.json
+
+seed: build
+	$(BUILD_DIR)/bin/tessera local --job=examples/seed_regression.textproto --servers=2 --workers=2
+
+bench: build
+	python3 bench/fmnist_vs_ddp.py --build_dir=$(BUILD_DIR)
+
+clean:
+	rm -rf $(BUILD_DIR)

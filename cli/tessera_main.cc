@@ -1,0 +1,293 @@
+// tessera: the command line for people. `tessera local` runs a whole job
+// on this machine; `tessera status` shows a running job.
+
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/flags.h"
+#include "common/grpc_status.h"
+#include "common/job_spec.h"
+#include "common/subprocess.h"
+#include "proto/tessera.grpc.pb.h"
+
+ABSL_FLAG(int32_t, servers, 2, "local: number of parameter servers (shards).");
+ABSL_FLAG(int32_t, workers, 2, "local: number of workers.");
+ABSL_FLAG(std::string, log_dir, "",
+          "local: folder for the servers' and other workers' logs "
+          "(default: a new folder under $TMPDIR or /tmp).");
+ABSL_FLAG(std::string, summary_json, "", "local: passed to worker 0.");
+ABSL_FLAG(std::string, dump_params, "", "local: passed to worker 0.");
+ABSL_FLAG(std::string, device, "auto", "local: passed to every worker.");
+ABSL_FLAG(std::string, bin_dir, "",
+          "local: folder holding tessera-server and tessera-worker "
+          "(default: this program's folder).");
+ABSL_FLAG(int32_t, startup_timeout_s, 30, "local: seconds to wait for servers to listen.");
+
+namespace {
+
+constexpr char kUsage[] =
+    "tessera: run and inspect Tessera training jobs.\n\n"
+    "Usage:\n"
+    "  tessera local --job=JOB.textproto [--servers=2] [--workers=2] [overrides]\n"
+    "      Start servers and workers on 127.0.0.1, show worker 0's progress,\n"
+    "      stop everything on exit, error or Ctrl-C.\n"
+    "  tessera status ADDR\n"
+    "      Show the job as the coordinator at ADDR (host:port of shard 0) sees it.\n";
+
+int Fail(const std::string& message) {
+  std::cerr << "tessera: " << message << std::endl;
+  return 1;
+}
+
+std::string SelfDir() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  std::string path(buf, n);
+  return path.substr(0, path.rfind('/'));
+}
+
+std::string TailOfFile(const std::string& path, int lines) {
+  std::ifstream in(path);
+  std::vector<std::string> all;
+  for (std::string line; std::getline(in, line);) all.push_back(line);
+  const size_t from = all.size() > static_cast<size_t>(lines) ? all.size() - lines : 0;
+  std::string out;
+  for (size_t i = from; i < all.size(); ++i) absl::StrAppend(&out, "    ", all[i], "\n");
+  return out;
+}
+
+struct Child {
+  std::string name;
+  std::string log;  // empty when output goes to the terminal
+  std::unique_ptr<tessera::Subprocess> process;
+};
+
+// Stops every child still running: SIGTERM, then SIGKILL after `grace`.
+void StopAll(std::vector<Child>& children, absl::Duration grace) {
+  for (Child& c : children) c.process->Signal(SIGTERM);
+  const absl::Time deadline = absl::Now() + grace;
+  for (Child& c : children) {
+    if (!c.process->Wait(std::max(absl::ZeroDuration(), deadline - absl::Now()))) {
+      c.process->Signal(SIGKILL);
+      c.process->Wait(absl::InfiniteDuration());
+    }
+  }
+}
+
+std::string FailureReport(const Child& c, int status) {
+  std::string out = absl::StrCat(c.name, " exited with status ", status);
+  if (!c.log.empty()) {
+    absl::StrAppend(&out, "; last lines of ", c.log, ":\n", TailOfFile(c.log, 15));
+  }
+  return out;
+}
+
+int RunLocal() {
+  const std::string job_path = tessera::JobFlag();
+  if (job_path.empty()) return Fail("local: --job is required");
+  const int num_servers = absl::GetFlag(FLAGS_servers);
+  const int num_workers = absl::GetFlag(FLAGS_workers);
+  if (num_servers < 1) return Fail("local: --servers must be at least 1");
+  if (num_workers < 1) return Fail("local: --workers must be at least 1");
+  tessera::JobOverrides overrides = tessera::JobOverridesFromFlags();
+  overrides.num_shards = num_servers;
+  overrides.num_workers = num_workers;
+  // Validate here so that a bad job file fails before any process starts.
+  absl::StatusOr<tessera::v1::JobSpec> job = tessera::LoadJob(job_path, overrides);
+  if (!job.ok()) return Fail(std::string(job.status().message()));
+
+  std::string bin_dir = absl::GetFlag(FLAGS_bin_dir);
+  if (bin_dir.empty()) bin_dir = SelfDir();
+  std::string log_dir = absl::GetFlag(FLAGS_log_dir);
+  if (log_dir.empty()) {
+    const char* tmp = getenv("TMPDIR");
+    std::string pattern = absl::StrCat(tmp != nullptr ? tmp : "/tmp", "/tessera-local-XXXXXX");
+    if (mkdtemp(pattern.data()) == nullptr) return Fail("local: cannot create a log folder");
+    log_dir = pattern;
+  } else if (access(log_dir.c_str(), W_OK) != 0) {
+    return Fail(absl::StrCat("local: --log_dir '", log_dir, "' is not a writable folder"));
+  }
+
+  std::vector<std::string> common = tessera::ForwardedJobFlags();
+  common.push_back(absl::StrCat("--job=", job_path));
+  common.push_back(absl::StrCat("--num_shards=", num_servers));
+  common.push_back(absl::StrCat("--num_workers=", num_workers));
+
+  // Stop signals are handled by the loop below; children unblock them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  sigprocmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  std::vector<Child> servers;
+  for (int s = 0; s < num_servers; ++s) {
+    tessera::SpawnOptions opt;
+    opt.argv = {absl::StrCat(bin_dir, "/tessera-server"), absl::StrCat("--shard=", s),
+                "--listen=127.0.0.1:0",
+                absl::StrCat("--port_file=", log_dir, "/server-", s, ".port")};
+    opt.argv.insert(opt.argv.end(), common.begin(), common.end());
+    opt.stdout_path = opt.stderr_path = absl::StrCat(log_dir, "/server-", s, ".log");
+    unlink(absl::StrCat(log_dir, "/server-", s, ".port").c_str());
+    absl::StatusOr<std::unique_ptr<tessera::Subprocess>> p = tessera::Subprocess::Spawn(opt);
+    if (!p.ok()) return Fail(std::string(p.status().message()));
+    servers.push_back({absl::StrCat("server ", s), opt.stdout_path, *std::move(p)});
+  }
+
+  // Wait for every server's port file.
+  std::vector<std::string> addresses(num_servers);
+  const absl::Time deadline =
+      absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_startup_timeout_s));
+  for (int s = 0; s < num_servers; ++s) {
+    const std::string port_file = absl::StrCat(log_dir, "/server-", s, ".port");
+    int port = 0;
+    while (port == 0) {
+      std::ifstream in(port_file);
+      if (in >> port && port > 0) break;
+      port = 0;
+      if (std::optional<int> status = servers[s].process->Poll()) {
+        std::string report = FailureReport(servers[s], *status);
+        StopAll(servers, absl::Seconds(5));
+        return Fail(report);
+      }
+      if (absl::Now() > deadline) {
+        StopAll(servers, absl::Seconds(5));
+        return Fail(absl::StrCat("server ", s, " did not start listening; see ",
+                                 servers[s].log));
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    addresses[s] = absl::StrCat("127.0.0.1:", port);
+  }
+  std::cerr << "tessera: " << num_servers << " servers on " << absl::StrJoin(addresses, ",")
+            << ", " << num_workers << " workers; logs in " << log_dir << std::endl;
+
+  std::vector<Child> workers;
+  for (int r = 0; r < num_workers; ++r) {
+    tessera::SpawnOptions opt;
+    opt.argv = {absl::StrCat(bin_dir, "/tessera-worker"), absl::StrCat("--rank=", r),
+                absl::StrCat("--servers=", absl::StrJoin(addresses, ",")),
+                absl::StrCat("--device=", absl::GetFlag(FLAGS_device))};
+    opt.argv.insert(opt.argv.end(), common.begin(), common.end());
+    std::string log;
+    if (r == 0) {
+      if (!absl::GetFlag(FLAGS_summary_json).empty()) {
+        opt.argv.push_back(absl::StrCat("--summary_json=", absl::GetFlag(FLAGS_summary_json)));
+      }
+      if (!absl::GetFlag(FLAGS_dump_params).empty()) {
+        opt.argv.push_back(absl::StrCat("--dump_params=", absl::GetFlag(FLAGS_dump_params)));
+      }
+    } else {
+      log = absl::StrCat(log_dir, "/worker-", r, ".log");
+      opt.stdout_path = opt.stderr_path = log;
+    }
+    absl::StatusOr<std::unique_ptr<tessera::Subprocess>> p = tessera::Subprocess::Spawn(opt);
+    if (!p.ok()) {
+      StopAll(workers, absl::Seconds(5));
+      StopAll(servers, absl::Seconds(5));
+      return Fail(std::string(p.status().message()));
+    }
+    workers.push_back({absl::StrCat("worker ", r), log, *std::move(p)});
+  }
+
+  // Supervise: the job succeeds when every worker exits 0; any failure or
+  // a stop signal ends every process.
+  int result = 0;
+  std::string failure;
+  size_t done = 0;
+  std::vector<bool> finished(num_workers, false);
+  const struct timespec tick = {0, 50 * 1000 * 1000};
+  while (done < workers.size()) {
+    const int sig = sigtimedwait(&stop_signals, nullptr, &tick);
+    if (sig > 0) {
+      failure = absl::StrCat("stopped by signal ", sig);
+      result = 128 + sig;
+      break;
+    }
+    for (int r = 0; r < num_workers; ++r) {
+      if (finished[r]) continue;
+      if (std::optional<int> status = workers[r].process->Poll()) {
+        finished[r] = true;
+        ++done;
+        if (*status != 0 && result == 0) {
+          failure = FailureReport(workers[r], *status);
+          result = 1;
+        }
+      }
+    }
+    if (result != 0) break;
+    for (Child& s : servers) {
+      if (std::optional<int> status = s.process->Poll()) {
+        failure = FailureReport(s, *status);
+        result = 1;
+        break;
+      }
+    }
+    if (result != 0) break;
+  }
+  StopAll(workers, absl::Seconds(5));
+  StopAll(servers, absl::Seconds(10));
+  if (result != 0) {
+    std::cerr << "tessera: " << failure << std::endl;
+    return result;
+  }
+  return 0;
+}
+
+int RunStatus(const std::string& address) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto stub = tessera::v1::CoordinatorService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  tessera::v1::JobStatusResponse status;
+  absl::Status s = tessera::FromGrpcStatus(
+      stub->JobStatus(&ctx, tessera::v1::JobStatusRequest(), &status));
+  if (!s.ok()) return Fail(absl::StrCat("status ", address, ": ", s.message()));
+  std::cout << "job '" << status.job_name() << "' (hash " << status.job_hash() << ")\n";
+  std::cout << absl::StrFormat("%-7s %-6s %-8s %-6s %-9s %s\n", "worker", "alive", "step",
+                               "epoch", "loss", "last seen");
+  for (const tessera::v1::WorkerStatus& w : status.workers()) {
+    std::cout << absl::StrFormat("%-7d %-6s %-8d %-6d %-9.4f %.1fs ago\n", w.worker_id(),
+                                 w.alive() ? "yes" : "no", w.step(), w.epoch(), w.loss(),
+                                 w.last_seen_ms() / 1000.0);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args = tessera::ParseFlagsOrExit(argc, argv, kUsage);
+  if (args.size() < 2) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const std::string command = args[1];
+  if (command == "local") {
+    if (args.size() != 2) return Fail("local takes no positional arguments");
+    return RunLocal();
+  }
+  if (command == "status") {
+    if (args.size() != 3) return Fail("usage: tessera status HOST:PORT");
+    return RunStatus(args[2]);
+  }
+  return Fail(absl::StrCat("unknown command '", command, "'; see tessera --help"));
+}

@@ -1,0 +1,102 @@
+#include "common/flags.h"
+
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <string_view>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/internal/usage.h"
+#include "absl/flags/marshalling.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+
+ABSL_FLAG(std::string, job, "", "Job file (protobuf text format, tessera.v1.JobSpec).");
+ABSL_FLAG(std::optional<int32_t>, epochs, std::nullopt, "Override job.epochs.");
+ABSL_FLAG(std::optional<int32_t>, batch_size, std::nullopt,
+          "Override job.batch_size (samples per worker per step).");
+ABSL_FLAG(std::optional<int32_t>, num_workers, std::nullopt, "Override job.num_workers.");
+ABSL_FLAG(std::optional<int32_t>, num_shards, std::nullopt, "Override job.num_shards.");
+ABSL_FLAG(std::optional<std::string>, mode, std::nullopt,
+          "Override job.consistency.mode: sync, async or ssp.");
+ABSL_FLAG(std::optional<int32_t>, staleness, std::nullopt,
+          "Override job.consistency.staleness (ssp).");
+ABSL_FLAG(std::optional<double>, learning_rate, std::nullopt,
+          "Override job.optimizer.learning_rate.");
+ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "Override job.seed.");
+ABSL_FLAG(std::optional<int64_t>, max_steps, std::nullopt,
+          "Override job.max_steps (stop after this many steps).");
+
+namespace tessera {
+namespace {
+
+bool OurFlagsFile(absl::string_view path) {
+  return absl::StrContains(path, "_main.cc") || absl::StrContains(path, "common/flags.cc");
+}
+
+template <typename T>
+void Forward(const absl::Flag<std::optional<T>>& flag, const char* name,
+             std::vector<std::string>* out) {
+  const std::optional<T> v = absl::GetFlag(flag);
+  if (v.has_value()) out->push_back(absl::StrCat("--", name, "=", absl::UnparseFlag(*v)));
+}
+
+}  // namespace
+
+std::vector<char*> ParseFlagsOrExit(int argc, char** argv, const char* usage) {
+  absl::SetProgramUsageMessage(usage);
+  absl::FlagsUsageConfig config;
+  config.contains_help_flags = OurFlagsFile;
+  config.contains_helpshort_flags = OurFlagsFile;
+  absl::SetFlagsUsageConfig(config);
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    if (arg == "--") break;
+    if (arg == "--help" || arg == "-help" || arg == "-h") {
+      // Abseil's own --help exits 1; people and scripts expect 0.
+      absl::flags_internal::FlagsHelp(std::cout, "_main.cc",
+                                      absl::flags_internal::HelpFormat::kHumanReadable,
+                                      usage);
+      absl::flags_internal::FlagsHelp(std::cout, "common/flags.cc",
+                                      absl::flags_internal::HelpFormat::kHumanReadable,
+                                      "Job overrides:");
+      std::exit(0);
+    }
+  }
+  return absl::ParseCommandLine(argc, argv);
+}
+
+std::string JobFlag() { return absl::GetFlag(FLAGS_job); }
+
+JobOverrides JobOverridesFromFlags() {
+  JobOverrides o;
+  o.epochs = absl::GetFlag(FLAGS_epochs);
+  o.batch_size = absl::GetFlag(FLAGS_batch_size);
+  o.num_workers = absl::GetFlag(FLAGS_num_workers);
+  o.num_shards = absl::GetFlag(FLAGS_num_shards);
+  o.mode = absl::GetFlag(FLAGS_mode);
+  o.staleness = absl::GetFlag(FLAGS_staleness);
+  o.learning_rate = absl::GetFlag(FLAGS_learning_rate);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  o.max_steps = absl::GetFlag(FLAGS_max_steps);
+  return o;
+}
+
+std::vector<std::string> ForwardedJobFlags() {
+  std::vector<std::string> out;
+  Forward(FLAGS_epochs, "epochs", &out);
+  Forward(FLAGS_batch_size, "batch_size", &out);
+  Forward(FLAGS_num_workers, "num_workers", &out);
+  Forward(FLAGS_num_shards, "num_shards", &out);
+  Forward(FLAGS_mode, "mode", &out);
+  Forward(FLAGS_staleness, "staleness", &out);
+  Forward(FLAGS_learning_rate, "learning_rate", &out);
+  Forward(FLAGS_seed, "seed", &out);
+  Forward(FLAGS_max_steps, "max_steps", &out);
+  return out;
+}
+
+}  // namespace tessera

@@ -1,0 +1,33 @@
+// Command-line plumbing shared by the three binaries' *_main.cc files:
+// the job-override flags and a --help that exits 0. Linked only into
+// binaries; libraries never read flags.
+
+#ifndef TESSERA_COMMON_FLAGS_H_
+#define TESSERA_COMMON_FLAGS_H_
+
+#include <string>
+#include <vector>
+
+#include "common/job_spec.h"
+
+namespace tessera {
+
+// Parses the command line. On --help or -h prints `usage` and the flags
+// defined in *_main.cc files and in this library, then exits 0. Unknown or
+// malformed flags print one line and exit 1. Returns the positional
+// arguments (argv[0] first).
+std::vector<char*> ParseFlagsOrExit(int argc, char** argv, const char* usage);
+
+// The job file given with --job ("" when missing).
+std::string JobFlag();
+
+// The override flags that were given (--epochs, --batch_size, --mode, ...).
+JobOverrides JobOverridesFromFlags();
+
+// The given override flags as "--name=value" arguments, to pass on to
+// child processes so that every process computes the same job.
+std::vector<std::string> ForwardedJobFlags();
+
+}  // namespace tessera
+
+#endif  // TESSERA_COMMON_FLAGS_H_

@@ -1,0 +1,197 @@
+#include "common/tensor_codec.h"
+
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+float FromBits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+TEST(DTypeSizeTest, KnownSizes) {
+  EXPECT_EQ(DTypeSize(tessera::v1::F32), 4);
+  EXPECT_EQ(DTypeSize(tessera::v1::BF16), 2);
+  EXPECT_EQ(DTypeSize(tessera::v1::F16), 2);
+  EXPECT_EQ(DTypeSize(tessera::v1::DTYPE_UNSPECIFIED), 0);
+}
+
+TEST(TensorCodecTest, RoundTripPreservesExactBits) {
+  const std::vector<float> values = {
+      0.0f,
+      -0.0f,
+      1.0f,
+      -1.5f,
+      3.14159265f,
+      std::numeric_limits<float>::denorm_min(),
+      -std::numeric_limits<float>::denorm_min(),
+      FromBits(0x007fffffu),  // largest denormal
+      FLT_MIN,
+      FLT_MAX,
+      -FLT_MAX,
+      1e30f,
+      -1e-30f,
+      FromBits(0x3eaaaaabu),  // 1/3 rounded
+  };
+  std::string bytes;
+  EncodeF32(values, &bytes);
+  ASSERT_EQ(bytes.size(), values.size() * sizeof(float));
+
+  std::vector<float> decoded(values.size(), 42.0f);
+  ASSERT_TRUE(DecodeF32(tessera::v1::F32, bytes, absl::MakeSpan(decoded)).ok());
+  for (size_t i = 0; i < values.size(); ++i) {
+    EXPECT_EQ(Bits(decoded[i]), Bits(values[i])) << "index " << i;
+  }
+  // Negative zero compares equal to zero; only the bits tell them apart.
+  EXPECT_EQ(Bits(decoded[1]), 0x80000000u);
+  EXPECT_EQ(Bits(decoded[0]), 0x00000000u);
+}
+
+TEST(TensorCodecTest, RoundTripPreservesNonFiniteBits) {
+  const std::vector<float> values = {
+      std::numeric_limits<float>::infinity(),
+      -std::numeric_limits<float>::infinity(),
+      FromBits(0x7fc00001u),  // quiet NaN with a payload
+      FromBits(0xffc00000u),  // negative quiet NaN
+  };
+  std::string bytes;
+  EncodeF32(values, &bytes);
+  std::vector<float> decoded(values.size());
+  ASSERT_TRUE(DecodeF32(tessera::v1::F32, bytes, absl::MakeSpan(decoded)).ok());
+  for (size_t i = 0; i < values.size(); ++i) {
+    EXPECT_EQ(Bits(decoded[i]), Bits(values[i])) << "index " << i;
+  }
+}
+
+TEST(TensorCodecTest, EncodesLittleEndian) {
+  std::string bytes;
+  EncodeF32(std::vector<float>{1.0f}, &bytes);
+  ASSERT_EQ(bytes.size(), 4u);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[0]), 0x00);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[1]), 0x00);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[2]), 0x80);
+  EXPECT_EQ(static_cast<uint8_t>(bytes[3]), 0x3f);
+
+  // -2.0f is 0xc0000000; 0.1f is 0x3dcccccd.
+  EncodeF32(std::vector<float>{-2.0f, 0.1f}, &bytes);
+  ASSERT_EQ(bytes.size(), 8u);
+  EXPECT_EQ(bytes, std::string("\x00\x00\x00\xc0\xcd\xcc\xcc\x3d", 8));
+}
+
+TEST(TensorCodecTest, DecodesLittleEndianBytes) {
+  const std::string bytes("\x00\x00\x80\x3f\x00\x00\x00\xc0", 8);
+  std::vector<float> out(2);
+  ASSERT_TRUE(DecodeF32(tessera::v1::F32, bytes, absl::MakeSpan(out)).ok());
+  EXPECT_EQ(out[0], 1.0f);
+  EXPECT_EQ(out[1], -2.0f);
+}
+
+TEST(TensorCodecTest, EncodeReplacesPreviousContents) {
+  std::string bytes(100, 'x');
+  EncodeF32(std::vector<float>{1.0f, 2.0f}, &bytes);
+  ASSERT_EQ(bytes.size(), 8u);
+  std::vector<float> out(2);
+  ASSERT_TRUE(DecodeF32(tessera::v1::F32, bytes, absl::MakeSpan(out)).ok());
+  EXPECT_EQ(out, (std::vector<float>{1.0f, 2.0f}));
+
+  EncodeF32(absl::Span<const float>(), &bytes);
+  EXPECT_TRUE(bytes.empty());
+}
+
+TEST(TensorCodecTest, EmptyRoundTrip) {
+  std::string bytes;
+  EncodeF32(absl::Span<const float>(), &bytes);
+  EXPECT_TRUE(bytes.empty());
+  std::vector<float> out;
+  EXPECT_TRUE(DecodeF32(tessera::v1::F32, bytes, absl::MakeSpan(out)).ok());
+}
+
+TEST(TensorCodecTest, WrongLengthIsInvalidArgumentAndLeavesOutputAlone) {
+  std::string bytes;
+  EncodeF32(std::vector<float>{1.0f, 2.0f, 3.0f}, &bytes);
+  for (size_t size : {size_t{0}, size_t{4}, size_t{11}, size_t{13}, size_t{16}}) {
+    std::string payload = bytes;
+    payload.resize(size, '\x01');
+    std::vector<float> out(3, 7.0f);
+    absl::Status status =
+        DecodeF32(tessera::v1::F32, payload, absl::MakeSpan(out));
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument)
+        << "payload size " << size;
+    EXPECT_EQ(out, std::vector<float>(3, 7.0f)) << "payload size " << size;
+  }
+}
+
+TEST(TensorCodecTest, NonF32DTypeIsInvalidArgumentAndLeavesOutputAlone) {
+  std::string bytes;
+  EncodeF32(std::vector<float>{1.0f, 2.0f}, &bytes);
+  for (tessera::v1::DType dtype :
+       {tessera::v1::DTYPE_UNSPECIFIED, tessera::v1::BF16, tessera::v1::F16}) {
+    std::vector<float> out(2, -9.0f);
+    absl::Status status = DecodeF32(dtype, bytes, absl::MakeSpan(out));
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument)
+        << tessera::v1::DType_Name(dtype);
+    EXPECT_EQ(out, std::vector<float>(2, -9.0f))
+        << tessera::v1::DType_Name(dtype);
+  }
+  // A 16-bit payload whose length would match two 16-bit elements of a
+  // four-element output is still refused.
+  std::vector<float> out(1, -9.0f);
+  EXPECT_EQ(DecodeF32(tessera::v1::BF16, std::string(4, '\0'),
+                      absl::MakeSpan(out))
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(out[0], -9.0f);
+}
+
+TEST(AllFiniteTest, TrueForFiniteValues) {
+  EXPECT_TRUE(AllFinite(absl::Span<const float>()));
+  EXPECT_TRUE(AllFinite(std::vector<float>{0.0f}));
+  EXPECT_TRUE(AllFinite(std::vector<float>{
+      0.0f, -0.0f, 1.0f, -1.0f, FLT_MAX, -FLT_MAX, FLT_MIN,
+      std::numeric_limits<float>::denorm_min(), 1e38f, -3.5e-42f}));
+  // Many large values: their sum would overflow, but each one is finite.
+  EXPECT_TRUE(AllFinite(std::vector<float>(1000, FLT_MAX)));
+  EXPECT_TRUE(AllFinite(std::vector<float>(1001, -FLT_MAX)));
+}
+
+TEST(AllFiniteTest, FalseForAnyNonFiniteValueAtAnyPosition) {
+  const float bad_values[] = {
+      std::numeric_limits<float>::quiet_NaN(),
+      std::numeric_limits<float>::infinity(),
+      -std::numeric_limits<float>::infinity(),
+  };
+  // Odd and even lengths, short and long enough to exercise vector loops.
+  for (size_t n : {size_t{1}, size_t{2}, size_t{7}, size_t{64}, size_t{1027}}) {
+    std::vector<size_t> positions = {0, n / 2, n - 1};
+    for (float bad : bad_values) {
+      for (size_t pos : positions) {
+        std::vector<float> values(n);
+        for (size_t i = 0; i < n; ++i) {
+          values[i] = static_cast<float>(i) * 0.25f - 3.0f;
+        }
+        values[pos] = bad;
+        EXPECT_FALSE(AllFinite(values))
+            << "value " << bad << " at " << pos << " of " << n;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,150 @@
+#include "server/parameter_service.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+
+namespace tessera {
+namespace {
+
+using tessera::v1::ClientMessage;
+using tessera::v1::ServerMessage;
+
+void SetError(const absl::Status& status, ServerMessage* reply) {
+  reply->set_code(static_cast<int>(status.code()));
+  reply->set_message(std::string(status.message()));
+}
+
+}  // namespace
+
+ParameterServiceImpl::ParameterServiceImpl(ShardStore* store, uint64_t job_hash,
+                                           absl::Duration pull_timeout)
+    : store_(store), job_hash_(job_hash), pull_timeout_(pull_timeout) {}
+
+grpc::Status ParameterServiceImpl::Session(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<ServerMessage, ClientMessage>* stream) {
+  ClientMessage request;
+  if (!stream->Read(&request)) return grpc::Status::OK;
+  if (!request.has_hello()) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "the first message on a Session must be a Hello");
+  }
+  const tessera::v1::Hello hello = request.hello();
+  if (hello.job_hash() != job_hash_) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrCat("worker ", hello.worker_id(), " runs a different job (hash ",
+                     hello.job_hash(), ", shard ", store_->shard(), " has ",
+                     job_hash_, "): check the job file and overrides"));
+  }
+  if (hello.shard() != store_->shard()) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrCat("worker addressed shard ", hello.shard(),
+                     " but this server is shard ", store_->shard(),
+                     ": check the order of --servers"));
+  }
+  absl::Status joined = store_->Connect(hello.worker_id(), hello.incarnation());
+  if (!joined.ok()) return ToGrpcStatus(joined);
+  const int worker = hello.worker_id();
+  const int64_t incarnation = hello.incarnation();
+
+  // Messages are reused for the life of the stream so that their byte
+  // buffers keep their capacity from one step to the next.
+  ServerMessage reply;
+  reply.set_request_id(request.request_id());
+  bool ok = stream->Write(reply);
+  while (ok && stream->Read(&request)) {
+    reply.set_request_id(request.request_id());
+    reply.set_code(0);
+    reply.clear_message();
+    reply.clear_push();
+    switch (request.kind_case()) {
+      case ClientMessage::kPush: {
+        absl::StatusOr<PushOutcome> outcome =
+            store_->Push(worker, incarnation, request.push());
+        if (!outcome.ok()) {
+          SetError(outcome.status(), &reply);
+          reply.clear_pull();
+          break;
+        }
+        reply.mutable_push()->set_applied(outcome->applied);
+        reply.mutable_push()->set_detail(outcome->detail);
+        if (request.push().return_parameters()) {
+          absl::Status pulled = store_->Pull(request.push().step() + 1,
+                                             pull_timeout_, reply.mutable_pull());
+          if (!pulled.ok()) SetError(pulled, &reply);
+        } else {
+          reply.clear_pull();
+        }
+        break;
+      }
+      case ClientMessage::kPull: {
+        absl::Status pulled =
+            store_->Pull(request.pull().step(), pull_timeout_, reply.mutable_pull());
+        if (!pulled.ok()) SetError(pulled, &reply);
+        break;
+      }
+      default:
+        reply.clear_pull();
+        SetError(absl::InvalidArgumentError(
+                     "expected a push or a pull after the Hello"),
+                 &reply);
+    }
+    ok = stream->Write(reply);
+  }
+  store_->Disconnect(worker, incarnation);
+  if (context->IsCancelled()) {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "session cancelled");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ParameterServiceImpl::ShardStats(
+    grpc::ServerContext* context, const tessera::v1::ShardStatsRequest* request,
+    tessera::v1::ShardStatsResponse* response) {
+  const StoreStats s = store_->stats();
+  response->set_shard(store_->shard());
+  response->set_version(s.version);
+  response->set_pushes_applied(s.pushes_applied);
+  response->set_pushes_duplicate(s.pushes_duplicate);
+  response->set_requests_rejected(s.requests_rejected);
+  response->set_nonfinite_rejected(s.nonfinite_rejected);
+  response->set_param_sum(store_->ParamSum());
+  response->set_live_workers(s.live_workers);
+  response->set_num_blocks(
+      static_cast<int>(store_->partition().shard_blocks(store_->shard()).size()));
+  response->set_param_bytes(store_->partition().shard_bytes(store_->shard()));
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorServiceImpl::Register(
+    grpc::ServerContext* context, const tessera::v1::RegisterRequest* request,
+    tessera::v1::RegisterResponse* response) {
+  absl::StatusOr<int64_t> incarnation =
+      coordinator_->Register(request->worker_id(), request->job_hash());
+  if (!incarnation.ok()) return ToGrpcStatus(incarnation.status());
+  response->set_incarnation(*incarnation);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorServiceImpl::Heartbeat(
+    grpc::ServerContext* context, const tessera::v1::HeartbeatRequest* request,
+    tessera::v1::HeartbeatResponse* response) {
+  absl::StatusOr<tessera::v1::HeartbeatResponse> r =
+      coordinator_->Heartbeat(*request);
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  *response = *std::move(r);
+  return grpc::Status::OK;
+}
+
+grpc::Status CoordinatorServiceImpl::JobStatus(
+    grpc::ServerContext* context, const tessera::v1::JobStatusRequest* request,
+    tessera::v1::JobStatusResponse* response) {
+  *response = coordinator_->Status();
+  return grpc::Status::OK;
+}
+
+}  // namespace tessera

@@ -1,0 +1,65 @@
+// gRPC adapters: turn stream messages and unary calls into calls on the
+// ShardStore and Coordinator, and statuses back into wire codes.
+
+#ifndef TESSERA_SERVER_PARAMETER_SERVICE_H_
+#define TESSERA_SERVER_PARAMETER_SERVICE_H_
+
+#include <cstdint>
+
+#include "absl/time/time.h"
+#include "proto/tessera.grpc.pb.h"
+#include "server/coordinator.h"
+#include "server/shard_store.h"
+
+namespace tessera {
+
+// Serves one shard's ParameterService. Each Session stream occupies one
+// thread of the synchronous server for its lifetime, which may block while
+// a synchronous step waits for the other workers (bounded by
+// `pull_timeout`). Thread-safe; does not own `store`.
+class ParameterServiceImpl final
+    : public tessera::v1::ParameterService::Service {
+ public:
+  ParameterServiceImpl(ShardStore* store, uint64_t job_hash,
+                       absl::Duration pull_timeout);
+
+  grpc::Status Session(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<tessera::v1::ServerMessage,
+                               tessera::v1::ClientMessage>* stream) override;
+
+  grpc::Status ShardStats(grpc::ServerContext* context,
+                          const tessera::v1::ShardStatsRequest* request,
+                          tessera::v1::ShardStatsResponse* response) override;
+
+ private:
+  // Constant after construction.
+  ShardStore* const store_;
+  const uint64_t job_hash_;
+  const absl::Duration pull_timeout_;
+};
+
+// Serves the CoordinatorService. Thread-safe; does not own `coordinator`.
+class CoordinatorServiceImpl final
+    : public tessera::v1::CoordinatorService::Service {
+ public:
+  explicit CoordinatorServiceImpl(Coordinator* coordinator)
+      : coordinator_(coordinator) {}
+
+  grpc::Status Register(grpc::ServerContext* context,
+                        const tessera::v1::RegisterRequest* request,
+                        tessera::v1::RegisterResponse* response) override;
+  grpc::Status Heartbeat(grpc::ServerContext* context,
+                         const tessera::v1::HeartbeatRequest* request,
+                         tessera::v1::HeartbeatResponse* response) override;
+  grpc::Status JobStatus(grpc::ServerContext* context,
+                         const tessera::v1::JobStatusRequest* request,
+                         tessera::v1::JobStatusResponse* response) override;
+
+ private:
+  Coordinator* const coordinator_;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_SERVER_PARAMETER_SERVICE_H_

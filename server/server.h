@@ -1,0 +1,64 @@
+// One Tessera server process's gRPC server: a shard's ParameterService,
+// optionally the CoordinatorService, health checking and reflection.
+
+#ifndef TESSERA_SERVER_SERVER_H_
+#define TESSERA_SERVER_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "proto/tessera.pb.h"
+#include "server/coordinator.h"
+#include "server/parameter_service.h"
+#include "server/shard_store.h"
+
+namespace tessera {
+
+struct ServerOptions {
+  // host:port to listen on; port 0 picks a free one (see port()).
+  std::string listen_address = "127.0.0.1:0";
+  int shard = 0;
+  // Validated job.
+  tessera::v1::JobSpec job;
+  // Whether this process hosts the coordinator (by default shard 0 does).
+  bool host_coordinator = true;
+};
+
+// A running server. Thread-safe.
+class TesseraServer {
+ public:
+  // Builds the store and starts serving. kUnavailable naming the address
+  // when it cannot listen (for example, the port is in use: SO_REUSEPORT is
+  // off so a clash fails instead of silently sharing the port).
+  static absl::StatusOr<std::unique_ptr<TesseraServer>> Start(
+      const ServerOptions& options);
+
+  ~TesseraServer();
+
+  int port() const { return port_; }
+  ShardStore* store() { return store_.get(); }
+
+  // Stops taking new calls, wakes waiting pulls and waits up to `grace` for
+  // in-flight calls before cancelling them.
+  void Shutdown(absl::Duration grace);
+  // Blocks until the server has shut down.
+  void Wait();
+
+ private:
+  TesseraServer() = default;
+
+  std::unique_ptr<ShardStore> store_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<ParameterServiceImpl> parameter_service_;
+  std::unique_ptr<CoordinatorServiceImpl> coordinator_service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_SERVER_SERVER_H_

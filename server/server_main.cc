@@ -1,0 +1,103 @@
+// tessera-server: serves one shard of a job's parameters (shard 0 also
+// hosts the coordinator).
+
+#include <signal.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/flags.h"
+#include "common/job_spec.h"
+#include "server/server.h"
+
+ABSL_FLAG(int32_t, shard, 0, "Shard index of this server, in [0, job.num_shards).");
+ABSL_FLAG(std::string, listen, "0.0.0.0:7070",
+          "host:port to listen on; port 0 picks a free port (see --port_file).");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, write the bound port to this file once serving.");
+ABSL_FLAG(bool, coordinator, true,
+          "Host the coordinator when this is shard 0.");
+ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
+          "On SIGTERM/SIGINT, wait this long for in-flight calls.");
+
+namespace {
+
+constexpr char kUsage[] =
+    "tessera-server: holds one shard of a Tessera job's parameters.\n\n"
+    "Usage: tessera-server --job=JOB.textproto --shard=I [--listen=HOST:PORT]\n\n"
+    "Every server and worker of a job reads the same job file. Shard 0 also\n"
+    "hosts the coordinator that workers register with.";
+
+int Fail(const std::string& message) {
+  std::cerr << "tessera-server: " << message << std::endl;
+  return 1;
+}
+
+bool WritePortFile(const std::string& path, int port) {
+  // Write then rename, so a reader never sees a partial file.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << port << "\n";
+    if (!out.good()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  tessera::ParseFlagsOrExit(argc, argv, kUsage);
+  const std::string job_path = tessera::JobFlag();
+  if (job_path.empty()) return Fail("--job is required (a JobSpec text file)");
+  absl::StatusOr<tessera::v1::JobSpec> job =
+      tessera::LoadJob(job_path, tessera::JobOverridesFromFlags());
+  if (!job.ok()) return Fail(std::string(job.status().message()));
+  const int shard = absl::GetFlag(FLAGS_shard);
+  if (shard < 0 || shard >= job->num_shards()) {
+    return Fail(absl::StrCat("--shard=", shard, " is out of range: job.num_shards is ",
+                             job->num_shards()));
+  }
+
+  // Block the stop signals before any thread starts, so that only the
+  // waiting thread below receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  tessera::ServerOptions options;
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.shard = shard;
+  options.job = *job;
+  options.host_coordinator = shard == 0 && absl::GetFlag(FLAGS_coordinator);
+  absl::StatusOr<std::unique_ptr<tessera::TesseraServer>> server =
+      tessera::TesseraServer::Start(options);
+  if (!server.ok()) return Fail(std::string(server.status().message()));
+  const int port = (*server)->port();
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty() && !WritePortFile(port_file, port)) {
+    return Fail(absl::StrCat("cannot write --port_file '", port_file, "'"));
+  }
+  std::cerr << "tessera-server: shard " << shard << "/" << job->num_shards()
+            << " of job '" << job->name() << "' serving on port " << port
+            << (options.host_coordinator ? " (with coordinator)" : "") << std::endl;
+
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    std::cerr << "tessera-server: shard " << shard << " stopping on signal " << sig
+              << std::endl;
+    (*server)->Shutdown(absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
+  });
+  (*server)->Wait();
+  waiter.join();
+  std::cerr << "tessera-server: shard " << shard << " stopped" << std::endl;
+  return 0;
+}

@@ -1,0 +1,387 @@
+#include "server/shard_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "Eigen/Core"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
+
+namespace tessera {
+namespace {
+
+using tessera::v1::PushRequest;
+
+// Payload bytes of a validated F32 block. The wire format is the in-memory
+// format (little-endian), so gradients are read in place, never copied.
+const float* PayloadFloats(const tessera::v1::TensorBlock& block) {
+  return reinterpret_cast<const float*>(block.data().data());
+}
+
+using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>;
+using ArrayMap = Eigen::Map<Eigen::ArrayXf, Eigen::Unaligned>;
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Create(
+    const tessera::v1::JobSpec& job, int shard) {
+  if (shard < 0 || shard >= job.num_shards()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shard ", shard, " out of range for job.num_shards = ", job.num_shards()));
+  }
+  LossKind loss = job.loss() == tessera::v1::SOFTMAX_CROSS_ENTROPY
+                      ? LossKind::kSoftmaxCrossEntropy
+                      : LossKind::kMeanSquaredError;
+  TESSERA_ASSIGN_OR_RETURN(ModelSpec model, ParseModelSpec(job.model(), loss));
+  TESSERA_ASSIGN_OR_RETURN(
+      Partition partition,
+      Partition::Create(model, job.num_shards(), job.block_bytes()));
+  absl::StatusOr<std::unique_ptr<Optimizer>> optimizer =
+      Optimizer::Create(job.optimizer());
+  if (!optimizer.ok()) return Annotate(optimizer.status(), "job");
+  std::unique_ptr<ShardStore> store(
+      new ShardStore(job, shard, std::move(partition), *std::move(optimizer)));
+  // Initial values depend only on (seed, parameter, element), so every shard
+  // count starts from the same model.
+  for (Block* b : store->owned_) {
+    absl::MutexLock lock(&b->mu);
+    const ParamSpec& p = model.params[b->info.param_index];
+    InitParameter(p, b->info.param_index, job.seed(), b->info.param_offset,
+                  b->info.param_offset + b->info.num_elements, b->params.data());
+  }
+  return store;
+}
+
+ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
+                       Partition partition, std::unique_ptr<Optimizer> optimizer)
+    : job_(job),
+      shard_(shard),
+      mode_(job.consistency().mode()),
+      partition_(std::move(partition)),
+      optimizer_(std::move(optimizer)),
+      workers_(job.num_workers()) {
+  blocks_.resize(partition_.blocks().size());
+  for (uint32_t id : partition_.shard_blocks(shard)) {
+    auto block = std::make_unique<Block>();
+    block->info = partition_.blocks()[id];
+    const size_t n = block->info.num_elements;
+    absl::MutexLock lock(&block->mu);
+    block->params = AlignedBuffer(n);
+    for (int k = 0; k < optimizer_->num_slots(); ++k) {
+      block->slots.emplace_back(n, optimizer_->SlotInitialValue(k));
+    }
+    if (mode_ == tessera::v1::SYNC) block->accum = AlignedBuffer(n);
+    owned_.push_back(block.get());
+    blocks_[id] = std::move(block);
+  }
+}
+
+absl::Status ShardStore::Validate(const PushRequest& request,
+                                  bool* nonfinite) const {
+  *nonfinite = false;
+  if (request.step() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("push step must not be negative, got ", request.step()));
+  }
+  if (request.blocks_size() != static_cast<int>(owned_.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("push carries ", request.blocks_size(), " blocks; shard ",
+                     shard_, " owns ", owned_.size(), " and takes all of them"));
+  }
+  // Each owned block exactly once; ids are dense so a bitmap suffices.
+  std::vector<bool> seen(blocks_.size(), false);
+  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+    const uint32_t id = tb.block_id();
+    if (id >= blocks_.size() || blocks_[id] == nullptr) {
+      return absl::NotFoundError(
+          absl::StrCat("block ", id, " is not owned by shard ", shard_));
+    }
+    if (seen[id]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", id, " appears twice in one push"));
+    }
+    seen[id] = true;
+    if (tb.dtype() != tessera::v1::F32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", id, ": unsupported dtype ",
+                       tessera::v1::DType_Name(tb.dtype()), ", expected F32"));
+    }
+    const int64_t n = blocks_[id]->info.num_elements;
+    if (static_cast<int64_t>(tb.data().size()) != n * 4) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", id, ": payload has ", tb.data().size(),
+                       " bytes, expected ", n * 4));
+    }
+    if (!AllFinite({PayloadFloats(tb), static_cast<size_t>(n)})) {
+      *nonfinite = true;
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", id, ": gradient has NaN or infinite values"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ShardStore::Connect(int worker, int64_t incarnation) {
+  absl::MutexLock lock(&mu_);
+  if (worker < 0 || worker >= static_cast<int>(workers_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "worker id ", worker, " out of range [0, ", workers_.size(), ")"));
+  }
+  WorkerState& w = workers_[worker];
+  if (incarnation < w.incarnation) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("worker ", worker, " incarnation ", incarnation,
+                     " is older than the current ", w.incarnation));
+  }
+  if (incarnation > w.incarnation) {
+    w.incarnation = incarnation;
+    w.last_step = -1;
+  }
+  w.live = true;
+  return absl::OkStatus();
+}
+
+void ShardStore::Disconnect(int worker, int64_t incarnation) {
+  bool apply = false;
+  int contributors = 0;
+  int64_t step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (worker < 0 || worker >= static_cast<int>(workers_.size())) return;
+    WorkerState& w = workers_[worker];
+    if (w.incarnation != incarnation) return;  // a newer stream took over
+    w.live = false;
+    if (mode_ == tessera::v1::SYNC && StepCompleteLocked()) {
+      apply = true;
+      applying_ = true;
+      contributors = static_cast<int>(contributed_.size());
+      step = step_;
+    }
+  }
+  if (apply) {
+    ApplyStep(contributors, step);
+    FinishStep();
+  }
+}
+
+bool ShardStore::StepCompleteLocked() const {
+  if (applying_ || accumulating_ > 0 || contributed_.empty()) return false;
+  for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
+    if (workers_[i].live && !contributed_.contains(i)) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
+                                             const PushRequest& request) {
+  bool nonfinite = false;
+  absl::Status valid = Validate(request, &nonfinite);
+  if (!valid.ok()) {
+    absl::MutexLock lock(&mu_);
+    ++counters_.requests_rejected;
+    if (nonfinite) ++counters_.nonfinite_rejected;
+    return valid;
+  }
+  const int64_t step = request.step();
+  {
+    absl::MutexLock lock(&mu_);
+    if (worker < 0 || worker >= static_cast<int>(workers_.size())) {
+      ++counters_.requests_rejected;
+      return absl::InvalidArgumentError(absl::StrCat(
+          "worker id ", worker, " out of range [0, ", workers_.size(), ")"));
+    }
+    WorkerState& w = workers_[worker];
+    if (incarnation < w.incarnation) {
+      ++counters_.requests_rejected;
+      return absl::FailedPreconditionError(
+          absl::StrCat("push from worker ", worker, " incarnation ", incarnation,
+                       ", which was replaced by incarnation ", w.incarnation));
+    }
+    if (incarnation > w.incarnation) {
+      w.incarnation = incarnation;
+      w.last_step = -1;
+    }
+    w.live = true;
+    if (step <= w.last_step) {
+      ++counters_.pushes_duplicate;
+      return PushOutcome{false, absl::StrCat("duplicate push for step ", step)};
+    }
+    if (mode_ == tessera::v1::SYNC) {
+      if (step < step_ || (step == step_ && applying_)) {
+        w.last_step = step;
+        ++counters_.pushes_duplicate;
+        return PushOutcome{false, absl::StrCat("step ", step, " is closed")};
+      }
+      if (step > step_) {
+        ++counters_.requests_rejected;
+        return absl::FailedPreconditionError(
+            absl::StrCat("push for step ", step, " but shard ", shard_,
+                         " is at step ", step_, "; pull first"));
+      }
+      contributed_.insert(worker);
+      ++accumulating_;
+    }
+    w.last_step = step;
+  }
+
+  if (mode_ != tessera::v1::SYNC) {
+    ApplyDirect(request);
+    absl::MutexLock lock(&mu_);
+    ++counters_.pushes_applied;
+    ++version_;
+    WorkerState& w = workers_[worker];
+    w.clock = std::max(w.clock, step + 1);
+    return PushOutcome{true, ""};
+  }
+
+  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+    Block* b = blocks_[tb.block_id()].get();
+    absl::MutexLock lock(&b->mu);
+    ArrayMap(b->accum.data(), b->info.num_elements) +=
+        ConstArrayMap(PayloadFloats(tb), b->info.num_elements);
+  }
+  bool apply = false;
+  int contributors = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    --accumulating_;
+    ++counters_.pushes_applied;
+    if (StepCompleteLocked()) {
+      apply = true;
+      applying_ = true;
+      contributors = static_cast<int>(contributed_.size());
+    }
+  }
+  if (apply) {
+    ApplyStep(contributors, step);
+    FinishStep();
+  }
+  return PushOutcome{true, ""};
+}
+
+void ShardStore::ApplyStep(int contributors, int64_t step) {
+  const float lr = static_cast<float>(optimizer_->LearningRate(step));
+  const float scale = 1.0f / static_cast<float>(contributors);
+  std::vector<float*> slots;
+  for (Block* b : owned_) {
+    absl::MutexLock lock(&b->mu);
+    const int64_t n = b->info.num_elements;
+    ArrayMap accum(b->accum.data(), n);
+    accum *= scale;
+    slots.clear();
+    for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
+    ++b->updates;
+    optimizer_->Apply(b->updates, lr, b->params.data(), b->accum.data(),
+                      slots.data(), n);
+    accum.setZero();
+  }
+}
+
+void ShardStore::FinishStep() {
+  absl::MutexLock lock(&mu_);
+  ++step_;
+  ++version_;
+  contributed_.clear();
+  applying_ = false;
+}
+
+void ShardStore::ApplyDirect(const PushRequest& request) {
+  // Asynchronous modes schedule the learning rate by the pushing worker's
+  // own step, so the schedule does not depend on arrival order.
+  const float lr = static_cast<float>(optimizer_->LearningRate(request.step()));
+  std::vector<float*> slots;
+  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+    Block* b = blocks_[tb.block_id()].get();
+    absl::MutexLock lock(&b->mu);
+    slots.clear();
+    for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
+    ++b->updates;
+    optimizer_->Apply(b->updates, lr, b->params.data(), PayloadFloats(tb),
+                      slots.data(), b->info.num_elements);
+  }
+}
+
+int64_t ShardStore::SlowestClockLocked() const {
+  int64_t slowest = std::numeric_limits<int64_t>::max();
+  for (const WorkerState& w : workers_) {
+    if (w.live) slowest = std::min(slowest, w.clock);
+  }
+  return slowest;
+}
+
+bool ShardStore::PullReadyLocked(int64_t step) const {
+  if (shutdown_) return true;
+  switch (mode_) {
+    case tessera::v1::SYNC:
+      return step_ >= step && !applying_;
+    case tessera::v1::SSP:
+      return SlowestClockLocked() >= step - job_.consistency().staleness();
+    default:
+      return true;
+  }
+}
+
+absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
+                              tessera::v1::PullResult* out) {
+  int64_t version;
+  {
+    absl::MutexLock lock(&mu_);
+    auto ready = [this, step]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return PullReadyLocked(step);
+    };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&ready), timeout)) {
+      return absl::UnavailableError(absl::StrCat(
+          "shard ", shard_, ": timed out after ", absl::FormatDuration(timeout),
+          " waiting for step ", step, " (shard is at step ", step_,
+          "); a worker may be missing"));
+    }
+    if (shutdown_) {
+      return absl::UnavailableError(
+          absl::StrCat("shard ", shard_, " is shutting down"));
+    }
+    version = mode_ == tessera::v1::SYNC ? step_ : version_;
+  }
+  out->set_version(version);
+  // Reuse the message's block storage across pulls: no allocation once warm.
+  while (out->blocks_size() > static_cast<int>(owned_.size())) {
+    out->mutable_blocks()->RemoveLast();
+  }
+  for (size_t i = 0; i < owned_.size(); ++i) {
+    Block* b = owned_[i];
+    tessera::v1::TensorBlock* tb =
+        static_cast<int>(i) < out->blocks_size() ? out->mutable_blocks(i)
+                                                 : out->add_blocks();
+    tb->set_block_id(b->info.id);
+    tb->set_dtype(tessera::v1::F32);
+    absl::MutexLock lock(&b->mu);
+    EncodeF32(b->params.span(), tb->mutable_data());
+  }
+  return absl::OkStatus();
+}
+
+void ShardStore::Shutdown() {
+  absl::MutexLock lock(&mu_);
+  shutdown_ = true;
+}
+
+StoreStats ShardStore::stats() const {
+  absl::MutexLock lock(&mu_);
+  StoreStats s = counters_;
+  s.version = mode_ == tessera::v1::SYNC ? step_ : version_;
+  s.live_workers = 0;
+  for (const WorkerState& w : workers_) s.live_workers += w.live ? 1 : 0;
+  return s;
+}
+
+double ShardStore::ParamSum() const {
+  double sum = 0;
+  for (Block* b : owned_) {
+    absl::MutexLock lock(&b->mu);
+    for (float v : b->params.span()) sum += v;
+  }
+  return sum;
+}
+
+}  // namespace tessera

@@ -1,0 +1,146 @@
+// The parameter store of one shard: parameters, optimizer slots and the
+// aggregation buffers of the step in progress, with the consistency policy
+// (SYNC, ASYNC, SSP) and exactly-once apply. Transport-free: the gRPC
+// adapter in parameter_service.cc turns protos on a stream into calls here.
+
+#ifndef TESSERA_SERVER_SHARD_STORE_H_
+#define TESSERA_SERVER_SHARD_STORE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/aligned_buffer.h"
+#include "common/model_spec.h"
+#include "common/partition.h"
+#include "proto/tessera.pb.h"
+#include "server/optimizer.h"
+
+namespace tessera {
+
+// Outcome of an accepted push.
+struct PushOutcome {
+  bool applied = false;  // false: acknowledged without effect
+  std::string detail;    // why not applied
+};
+
+// Counters, for ShardStats and tests.
+struct StoreStats {
+  int64_t version = 0;
+  int64_t pushes_applied = 0;
+  int64_t pushes_duplicate = 0;
+  int64_t requests_rejected = 0;
+  int64_t nonfinite_rejected = 0;
+  int live_workers = 0;
+};
+
+// Holds the blocks of one shard and applies pushes to them.
+//
+// Locking: `mu_` guards the bookkeeping (step, membership, de-duplication);
+// each block has its own mutex guarding its numbers. The arithmetic runs
+// under a block's mutex only, never under `mu_`, and nothing here does I/O.
+// Thread-safe.
+class ShardStore {
+ public:
+  // `job` must be validated (ValidateJobSpec). kInvalidArgument when `shard`
+  // is out of range or the optimizer spec is bad.
+  static absl::StatusOr<std::unique_ptr<ShardStore>> Create(
+      const tessera::v1::JobSpec& job, int shard);
+
+  ShardStore(const ShardStore&) = delete;
+  ShardStore& operator=(const ShardStore&) = delete;
+
+  // A worker opened a stream. Adopts a newer incarnation (the worker rejoins
+  // at the current step); kFailedPrecondition for an older one, kInvalidArgument
+  // for a worker id outside [0, num_workers).
+  absl::Status Connect(int worker, int64_t incarnation);
+
+  // A worker's stream ended: it leaves the barrier count (when `incarnation`
+  // is still its current one), which may complete the step in progress.
+  void Disconnect(int worker, int64_t incarnation);
+
+  // Validates every block first (ownership, dtype, size, duplicates,
+  // finiteness); any problem rejects the whole push, is counted and changes
+  // nothing. A push (worker, incarnation, step) takes effect at most once:
+  // repeats and pushes for closed steps are acknowledged with applied=false.
+  absl::StatusOr<PushOutcome> Push(int worker, int64_t incarnation,
+                                   const tessera::v1::PushRequest& request);
+
+  // Waits until the consistency mode lets a worker at `step` read (SYNC:
+  // `step` updates applied; SSP: slowest live worker within staleness;
+  // ASYNC: never waits), then copies every block into `out`, reusing its
+  // storage. kUnavailable after `timeout` or once Shutdown() was called.
+  absl::Status Pull(int64_t step, absl::Duration timeout,
+                    tessera::v1::PullResult* out);
+
+  // Wakes every waiting Pull with kUnavailable; later pulls fail at once.
+  void Shutdown();
+
+  StoreStats stats() const;
+  // Sum of every parameter, in double precision (a checksum for tests).
+  double ParamSum() const;
+  int shard() const { return shard_; }
+  const Partition& partition() const { return partition_; }
+
+ private:
+  struct Block {
+    BlockInfo info;
+    absl::Mutex mu;
+    AlignedBuffer params ABSL_GUARDED_BY(mu);
+    std::vector<AlignedBuffer> slots ABSL_GUARDED_BY(mu);
+    AlignedBuffer accum ABSL_GUARDED_BY(mu);  // SYNC: sum of this step's grads
+    int64_t updates ABSL_GUARDED_BY(mu) = 0;
+  };
+  // Per-worker state, indexed by worker id.
+  struct WorkerState {
+    int64_t incarnation = 0;
+    int64_t last_step = -1;  // highest step pushed by this incarnation
+    int64_t clock = 0;       // SSP/ASYNC: steps completed
+    bool live = true;
+  };
+
+  ShardStore(const tessera::v1::JobSpec& job, int shard, Partition partition,
+             std::unique_ptr<Optimizer> optimizer);
+
+  // Sets *nonfinite when the rejection is for NaN or infinite values.
+  absl::Status Validate(const tessera::v1::PushRequest& request,
+                        bool* nonfinite) const;
+  // SYNC: true when every live worker has contributed to the open step and
+  // no accumulation is still running; the caller must then run ApplyStep.
+  bool StepCompleteLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ApplyStep(int contributors, int64_t step) ABSL_LOCKS_EXCLUDED(mu_);
+  void FinishStep() ABSL_LOCKS_EXCLUDED(mu_);
+  void ApplyDirect(const tessera::v1::PushRequest& request);
+  bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t SlowestClockLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // Constant after construction.
+  const tessera::v1::JobSpec job_;
+  const int shard_;
+  const tessera::v1::ConsistencyMode mode_;
+  const Partition partition_;
+  const std::unique_ptr<Optimizer> optimizer_;
+  // Indexed by block id; null for blocks of other shards.
+  std::vector<std::unique_ptr<Block>> blocks_;
+  std::vector<Block*> owned_;  // this shard's blocks, ascending id
+
+  mutable absl::Mutex mu_;
+  std::vector<WorkerState> workers_ ABSL_GUARDED_BY(mu_);
+  int64_t step_ ABSL_GUARDED_BY(mu_) = 0;  // SYNC: completed steps
+  int64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::flat_hash_set<int> contributed_ ABSL_GUARDED_BY(mu_);
+  int accumulating_ ABSL_GUARDED_BY(mu_) = 0;
+  bool applying_ ABSL_GUARDED_BY(mu_) = false;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  StoreStats counters_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_SERVER_SHARD_STORE_H_

@@ -1,0 +1,331 @@
+#include "server/shard_store.h"
+
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#include "common/job_spec.h"
+#include "common/tensor_codec.h"
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+using tessera::v1::JobSpec;
+using tessera::v1::PushRequest;
+
+// linear:4-2 has 8 weights + 2 biases. With 16-byte blocks the weight splits
+// into two blocks of 4 and the bias is one block of 2.
+JobSpec ExactSumJob(tessera::v1::ConsistencyMode mode, int workers, int shards = 1) {
+  JobSpec job;
+  job.set_name("exact-sum");
+  job.set_model("linear:4-2");
+  job.set_loss(tessera::v1::MEAN_SQUARED_ERROR);
+  job.mutable_data()->set_format(tessera::v1::SYNTHETIC_REGRESSION);
+  job.mutable_data()->set_num_samples(10);
+  job.mutable_data()->set_validation_fraction(0.2);
+  job.mutable_optimizer()->set_type(tessera::v1::SGD);
+  job.mutable_optimizer()->set_learning_rate(1.0);
+  job.mutable_consistency()->set_mode(mode);
+  job.mutable_consistency()->set_staleness(1);
+  job.mutable_consistency()->set_barrier_timeout_ms(2000);
+  job.set_batch_size(1);
+  job.set_epochs(1);
+  job.set_num_shards(shards);
+  job.set_num_workers(workers);
+  job.set_block_bytes(16);
+  EXPECT_TRUE(ValidateJobSpec(&job).ok());
+  return job;
+}
+
+// A push of `value` in every element of every block the store owns.
+PushRequest FullPush(const ShardStore& store, int64_t step, float value) {
+  PushRequest push;
+  push.set_step(step);
+  for (uint32_t id : store.partition().shard_blocks(store.shard())) {
+    const BlockInfo& b = store.partition().blocks()[id];
+    tessera::v1::TensorBlock* tb = push.add_blocks();
+    tb->set_block_id(id);
+    tb->set_dtype(tessera::v1::F32);
+    std::vector<float> v(b.num_elements, value);
+    EncodeF32(v, tb->mutable_data());
+  }
+  return push;
+}
+
+std::vector<float> AllParams(ShardStore& store) {
+  tessera::v1::PullResult pull;
+  EXPECT_TRUE(store.Pull(0, absl::ZeroDuration(), &pull).ok());
+  std::vector<float> out(store.partition().total_elements());
+  for (const auto& tb : pull.blocks()) {
+    const BlockInfo& b = store.partition().blocks()[tb.block_id()];
+    EXPECT_TRUE(DecodeF32(tb.dtype(), tb.data(),
+                          absl::MakeSpan(out).subspan(b.flat_offset, b.num_elements))
+                    .ok());
+  }
+  return out;
+}
+
+// Parameters after SGD with learning rate 1 subtracted `delta` from each.
+void ExpectShifted(const std::vector<float>& before, const std::vector<float>& after,
+                   float delta) {
+  ASSERT_EQ(before.size(), after.size());
+  for (size_t i = 0; i < before.size(); ++i) {
+    EXPECT_EQ(after[i], before[i] - delta) << "element " << i;
+  }
+}
+
+TEST(ShardStoreTest, InitialParametersDoNotDependOnShardCount) {
+  JobSpec one = ExactSumJob(tessera::v1::ASYNC, 1, 1);
+  JobSpec three = ExactSumJob(tessera::v1::ASYNC, 1, 3);
+  auto whole = ShardStore::Create(one, 0);
+  ASSERT_TRUE(whole.ok());
+  std::vector<float> expected = AllParams(**whole);
+  std::vector<float> assembled(expected.size(), 0.0f);
+  for (int s = 0; s < 3; ++s) {
+    auto part = ShardStore::Create(three, s);
+    ASSERT_TRUE(part.ok());
+    std::vector<float> p = AllParams(**part);  // zeros where not owned
+    for (size_t i = 0; i < p.size(); ++i) assembled[i] += p[i];
+  }
+  EXPECT_EQ(assembled, expected);
+  EXPECT_NE(expected[0], expected[1]);
+}
+
+TEST(ShardStoreTest, ReplayedPushIsAppliedOnce) {
+  for (auto mode : {tessera::v1::ASYNC, tessera::v1::SYNC, tessera::v1::SSP}) {
+    SCOPED_TRACE(ModeName(mode));
+    auto store = ShardStore::Create(ExactSumJob(mode, 1), 0);
+    ASSERT_TRUE(store.ok());
+    ASSERT_TRUE((*store)->Connect(0, 1).ok());
+    const std::vector<float> before = AllParams(**store);
+    const PushRequest push = FullPush(**store, 0, 1.0f);
+    int applied = 0;
+    for (int i = 0; i < 10; ++i) {
+      auto outcome = (*store)->Push(0, 1, push);
+      ASSERT_TRUE(outcome.ok()) << outcome.status();
+      applied += outcome->applied ? 1 : 0;
+    }
+    EXPECT_EQ(applied, 1);
+    // SGD with lr 1 and an all-ones gradient subtracts exactly 1 per element.
+    ExpectShifted(before, AllParams(**store), 1.0f);
+    EXPECT_EQ((*store)->stats().pushes_applied, 1);
+    EXPECT_EQ((*store)->stats().pushes_duplicate, 9);
+  }
+}
+
+TEST(ShardStoreTest, ConcurrentDuplicatesApplyOnce) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 1), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  const PushRequest push = FullPush(**store, 5, 1.0f);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] { ASSERT_TRUE((*store)->Push(0, 1, push).ok()); });
+  }
+  for (auto& t : threads) t.join();
+  ExpectShifted(before, AllParams(**store), 1.0f);
+}
+
+TEST(ShardStoreTest, SyncStepAppliesMeanOfAllWorkers) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  // One of two workers: the step stays open, parameters unchanged.
+  EXPECT_EQ((*store)->stats().version, 0);
+  EXPECT_EQ(AllParams(**store), before);
+  tessera::v1::PullResult pull;
+  EXPECT_EQ((*store)->Pull(1, absl::Milliseconds(50), &pull).code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 0, 3.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 1);
+  const std::vector<float> after = AllParams(**store);
+  for (size_t i = 0; i < after.size(); ++i) EXPECT_FLOAT_EQ(after[i], before[i] - 2.0f);
+  EXPECT_TRUE((*store)->Pull(1, absl::ZeroDuration(), &pull).ok());
+  EXPECT_EQ(pull.version(), 1);
+}
+
+TEST(ShardStoreTest, SyncPullWaitsForTheStep) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  absl::Status waited;
+  std::thread puller([&] {
+    tessera::v1::PullResult pull;
+    waited = (*store)->Pull(1, absl::Seconds(10), &pull);
+  });
+  absl::SleepFor(absl::Milliseconds(50));
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 0, 1.0f)).ok());
+  puller.join();
+  EXPECT_TRUE(waited.ok()) << waited;
+}
+
+TEST(ShardStoreTest, DepartedWorkerLeavesTheBarrier) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Connect(0, 1).ok());
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  const std::vector<float> before = AllParams(**store);
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 2.0f)).ok());
+  (*store)->Disconnect(1, 1);  // worker 1 dies mid-step
+  EXPECT_EQ((*store)->stats().version, 1);
+  EXPECT_EQ((*store)->stats().live_workers, 1);
+  ExpectShifted(before, AllParams(**store), 2.0f);  // the mean of one gradient
+  const std::vector<float> after_first = AllParams(**store);
+  // The next step needs only the live worker.
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 1, 1.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 2);
+  // A late push for a closed step is acknowledged and not applied.
+  auto late = (*store)->Push(1, 1, FullPush(**store, 0, 100.0f));
+  ASSERT_TRUE(late.ok());
+  EXPECT_FALSE(late->applied);
+  ExpectShifted(after_first, AllParams(**store), 1.0f);
+}
+
+TEST(ShardStoreTest, StaleIncarnationIsRejected) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 1), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Connect(0, 5).ok());
+  EXPECT_EQ((*store)->Connect(0, 4).code(), absl::StatusCode::kFailedPrecondition);
+  const double before = (*store)->ParamSum();
+  EXPECT_EQ((*store)->Push(0, 4, FullPush(**store, 0, 1.0f)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_DOUBLE_EQ((*store)->ParamSum(), before);
+  // The new incarnation starts its steps afresh.
+  auto ok = (*store)->Push(0, 6, FullPush(**store, 0, 1.0f));
+  ASSERT_TRUE(ok.ok());
+  EXPECT_TRUE(ok->applied);
+}
+
+TEST(ShardStoreTest, BadPushesChangeNothingAndAreCounted) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 1, 2), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  const PushRequest good = FullPush(**store, 0, 1.0f);
+
+  PushRequest wrong_size = good;
+  wrong_size.mutable_blocks(0)->mutable_data()->resize(4);
+  PushRequest unknown = good;
+  unknown.mutable_blocks(0)->set_block_id(999);
+  PushRequest other_shard = good;
+  uint32_t foreign = 0;
+  while ((*store)->partition().blocks()[foreign].shard == 0) ++foreign;
+  other_shard.mutable_blocks(0)->set_block_id(foreign);
+  PushRequest wrong_dtype = good;
+  wrong_dtype.mutable_blocks(0)->set_dtype(tessera::v1::F16);
+  PushRequest missing_block = good;
+  missing_block.mutable_blocks()->RemoveLast();
+  PushRequest duplicate_block = good;
+  *duplicate_block.mutable_blocks(duplicate_block.blocks_size() - 1) = good.blocks(0);
+  PushRequest negative_step = good;
+  negative_step.set_step(-1);
+
+  struct Case {
+    const char* name;
+    const PushRequest* push;
+    absl::StatusCode code;
+  };
+  const Case cases[] = {
+      {"wrong size", &wrong_size, absl::StatusCode::kInvalidArgument},
+      {"unknown block", &unknown, absl::StatusCode::kNotFound},
+      {"block of another shard", &other_shard, absl::StatusCode::kNotFound},
+      {"wrong dtype", &wrong_dtype, absl::StatusCode::kInvalidArgument},
+      {"missing block", &missing_block, absl::StatusCode::kInvalidArgument},
+      {"duplicate block", &duplicate_block, absl::StatusCode::kInvalidArgument},
+      {"negative step", &negative_step, absl::StatusCode::kInvalidArgument},
+  };
+  int rejected = 0;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    EXPECT_EQ((*store)->Push(0, 1, *c.push).status().code(), c.code);
+    EXPECT_EQ((*store)->stats().requests_rejected, ++rejected);
+    EXPECT_EQ(AllParams(**store), before);
+  }
+  const float bad_values[] = {std::numeric_limits<float>::quiet_NaN(),
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity()};
+  for (float bad : bad_values) {
+    PushRequest poisoned = good;
+    std::string* data = poisoned.mutable_blocks(1)->mutable_data();
+    std::memcpy(data->data() + data->size() - 4, &bad, 4);  // last element only
+    auto s = (*store)->Push(0, 1, poisoned);
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.status().message().find("NaN or infinite"), std::string::npos);
+    EXPECT_EQ(AllParams(**store), before);
+  }
+  EXPECT_EQ((*store)->stats().nonfinite_rejected, 3);
+  EXPECT_EQ((*store)->stats().requests_rejected, rejected + 3);
+  // The next good request succeeds.
+  auto ok = (*store)->Push(0, 1, good);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_TRUE(ok->applied);
+  EXPECT_NE(AllParams(**store), before);
+}
+
+TEST(ShardStoreTest, HugeFiniteGradientsStayFiniteWithAdam) {
+  JobSpec job = ExactSumJob(tessera::v1::ASYNC, 1);
+  job.mutable_optimizer()->set_type(tessera::v1::ADAM);
+  job.mutable_optimizer()->set_learning_rate(0.01);
+  auto store = ShardStore::Create(job, 0);
+  ASSERT_TRUE(store.ok());
+  for (int step = 0; step < 20; ++step) {
+    ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, step, 1e38f)).ok());
+  }
+  for (float v : AllParams(**store)) EXPECT_TRUE(std::isfinite(v));
+}
+
+TEST(ShardStoreTest, SyncRejectsPushesAheadOfTheStep) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1), 0);
+  ASSERT_TRUE(store.ok());
+  const double before = (*store)->ParamSum();
+  EXPECT_EQ((*store)->Push(0, 1, FullPush(**store, 3, 1.0f)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_DOUBLE_EQ((*store)->ParamSum(), before);
+}
+
+TEST(ShardStoreTest, SspBlocksOnlyBeyondTheStalenessBound) {
+  // Two workers, staleness 1: worker 0 may run one clock ahead of worker 1.
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SSP, 2), 0);
+  ASSERT_TRUE(store.ok());
+  tessera::v1::PullResult pull;
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  EXPECT_TRUE((*store)->Pull(1, absl::ZeroDuration(), &pull).ok());  // 1 - 0 <= 1
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 1, 1.0f)).ok());
+  EXPECT_EQ((*store)->Pull(2, absl::Milliseconds(20), &pull).code(),
+            absl::StatusCode::kUnavailable);  // 2 - 0 > 1
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 0, 1.0f)).ok());
+  EXPECT_TRUE((*store)->Pull(2, absl::ZeroDuration(), &pull).ok());
+  // A departed worker no longer holds the others back.
+  (*store)->Disconnect(1, 1);
+  EXPECT_TRUE((*store)->Pull(3, absl::ZeroDuration(), &pull).ok());  // 3 - 2 <= 1
+}
+
+TEST(ShardStoreTest, AsyncPullNeverWaits) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 3), 0);
+  ASSERT_TRUE(store.ok());
+  tessera::v1::PullResult pull;
+  EXPECT_TRUE((*store)->Pull(1000, absl::ZeroDuration(), &pull).ok());
+}
+
+TEST(ShardStoreTest, ShutdownWakesWaitingPulls) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  absl::Status waited;
+  std::thread puller([&] {
+    tessera::v1::PullResult pull;
+    waited = (*store)->Pull(1, absl::Seconds(30), &pull);
+  });
+  absl::SleepFor(absl::Milliseconds(30));
+  (*store)->Shutdown();
+  puller.join();
+  EXPECT_EQ(waited.code(), absl::StatusCode::kUnavailable);
+}
+
+TEST(ShardStoreTest, CreateRejectsBadShard) {
+  EXPECT_EQ(ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1, 2), 2).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,163 @@
+// End to end: `tessera local` starts real servers and workers on 127.0.0.1
+// and trains on the real Fashion-MNIST files.
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <regex>
+
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "tests/cluster_util.h"
+
+namespace tessera {
+namespace {
+
+using testing_util::Bin;
+using testing_util::NewTempDir;
+using testing_util::ReadFile;
+using testing_util::RunProgram;
+using testing_util::RunResult;
+using testing_util::SourceDir;
+
+constexpr char kFashionLabels[] =
+    "/usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz";
+
+std::string FashionJob() { return SourceDir() + "/examples/fashion_mnist_mlp.textproto"; }
+
+// A number from the summary JSON: "key": value.
+double JsonNumber(const std::string& json, const std::string& key) {
+  std::smatch m;
+  const std::regex re("\"" + key + "\": ([-0-9.eE+]+)");
+  if (!std::regex_search(json, m, re)) {
+    ADD_FAILURE() << "no " << key << " in " << json;
+    return NAN;
+  }
+  return std::stod(m[1]);
+}
+
+class FashionMnistTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // `make test` installs dataset-fashion-mnist; its absence is a setup
+    // error to report, not a reason to pass.
+    ASSERT_EQ(access(kFashionLabels, R_OK), 0)
+        << "Fashion-MNIST is missing: run `make deps` (package dataset-fashion-mnist)";
+    dir_ = NewTempDir("fmnist");
+  }
+
+  // Trains with `tessera local` and returns the summary JSON.
+  std::string Train(const std::vector<std::string>& flags,
+                    const std::string& job = FashionJob()) {
+    const std::string summary = dir_ + "/summary.json";
+    std::vector<std::string> argv = {Bin("tessera"), "local", "--job=" + job,
+                                     "--servers=2", "--log_dir=" + dir_,
+                                     "--summary_json=" + summary};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    RunResult r = RunProgram(argv, dir_, absl::Minutes(5));
+    EXPECT_EQ(r.status, 0) << r.output;
+    std::cout << r.output;
+    return ReadFile(summary);
+  }
+
+  std::string dir_;
+};
+
+TEST_F(FashionMnistTest, SyncReaches085In3Epochs) {
+  const std::string json = Train({"--workers=2", "--epochs=3", "--mode=sync"});
+  EXPECT_GE(JsonNumber(json, "test_accuracy"), 0.85) << json;
+  EXPECT_EQ(JsonNumber(json, "epochs"), 3);
+  EXPECT_NE(json.find("\"mode\": \"sync\""), std::string::npos);
+  EXPECT_EQ(JsonNumber(json, "duplicate_acks"), 0);
+}
+
+TEST_F(FashionMnistTest, AsyncReaches084In3Epochs) {
+  const std::string json = Train({"--workers=2", "--epochs=3", "--mode=async"});
+  EXPECT_GE(JsonNumber(json, "test_accuracy"), 0.84) << json;
+  EXPECT_NE(json.find("\"mode\": \"async\""), std::string::npos);
+}
+
+TEST_F(FashionMnistTest, SspReaches084In3Epochs) {
+  const std::string json =
+      Train({"--workers=2", "--epochs=3", "--mode=ssp", "--staleness=2"});
+  EXPECT_GE(JsonNumber(json, "test_accuracy"), 0.84) << json;
+  EXPECT_NE(json.find("\"mode\": \"ssp\""), std::string::npos);
+}
+
+std::vector<float> ReadFloats(const std::string& path) {
+  const std::string bytes = ReadFile(path);
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
+TEST_F(FashionMnistTest, SyncTwoWorkersEqualOneWorkerWithDoubleBatch) {
+  // Momentum SGD: its update is linear in the gradient, so float rounding in
+  // the two ways of averaging stays at rounding size. (Adam divides by
+  // sqrt(v), which turns rounding noise in near-zero gradients into full
+  // learning-rate steps; the in-process test covers Adam on a small model.)
+  std::string text = ReadFile(FashionJob());
+  const size_t at = text.find("type: ADAM");
+  ASSERT_NE(at, std::string::npos);
+  text.replace(at, 10, "type: MOMENTUM momentum: 0.9");
+  const std::string job = dir_ + "/momentum.textproto";
+  testing_util::WriteFile(job, text);
+  auto run = [&](int workers, int batch, int steps, const std::string& name) {
+    const std::string dump = dir_ + "/" + name + ".f32";
+    Train({absl::StrCat("--workers=", workers), absl::StrCat("--batch_size=", batch),
+           "--learning_rate=0.05",
+           absl::StrCat("--max_steps=", steps), "--mode=sync", "--dump_params=" + dump},
+          job);
+    return ReadFloats(dump);
+  };
+  const std::vector<float> two = run(2, 64, 25, "two");
+  const std::vector<float> one = run(1, 128, 25, "one");
+  ASSERT_EQ(two.size(), 235146u);
+  ASSERT_EQ(one.size(), two.size());
+  // Relative error of the whole parameter vector, and element by element in
+  // numpy.allclose form (rtol 1e-5, atol 1e-7 for elements near zero).
+  double diff2 = 0, norm2 = 0;
+  int64_t far = 0;
+  for (size_t i = 0; i < one.size(); ++i) {
+    const double d = std::abs(1.0 * two[i] - one[i]);
+    diff2 += d * d;
+    norm2 += 1.0 * one[i] * one[i];
+    if (d > 1e-7 + 1e-5 * std::abs(1.0 * one[i])) ++far;
+  }
+  const double rel = std::sqrt(diff2 / norm2);
+  std::cout << "relative error " << rel << ", elements outside allclose: " << far << "\n";
+  EXPECT_LE(rel, 1e-5);
+  EXPECT_EQ(far, 0);
+  // Guard against a vacuous pass: 25 steps moved the parameters well away
+  // from where one step leaves them.
+  const std::vector<float> early = run(1, 128, 1, "early");
+  double moved = 0;
+  for (size_t i = 0; i < one.size(); ++i) moved += std::abs(1.0 * one[i] - early[i]);
+  EXPECT_GT(moved / one.size(), 1e-3);
+}
+
+TEST(SeedJobTest, PrintsTenEpochsAndValLossFalls) {
+  const std::string dir = NewTempDir("seed");
+  RunResult r = RunProgram({Bin("tessera"), "local",
+                     "--job=" + SourceDir() + "/examples/seed_regression.textproto",
+                     "--servers=2", "--workers=2", "--log_dir=" + dir},
+                    dir, absl::Minutes(2));
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::cout << r.output;
+  const std::regex line(R"(epoch (\d+)/10 - [0-9.]+s - loss: ([0-9.]+) - val_loss: ([0-9.]+))");
+  std::vector<double> val_loss;
+  for (absl::string_view l : absl::StrSplit(r.output, '\n')) {
+    std::smatch m;
+    std::string s(l);
+    if (std::regex_search(s, m, line)) {
+      EXPECT_EQ(std::stoi(m[1]), static_cast<int>(val_loss.size()) + 1);
+      val_loss.push_back(std::stod(m[3]));
+    }
+  }
+  ASSERT_EQ(val_loss.size(), 10u) << r.output;
+  EXPECT_LT(val_loss[9], val_loss[0]);
+}
+
+}  // namespace
+}  // namespace tessera

@@ -1,0 +1,297 @@
+// The real tessera-server binary on 127.0.0.1: bad requests over gRPC,
+// exactly-once apply, bad job files and port clashes.
+
+#include <grpcpp/grpcpp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/time/clock.h"
+#include "common/job_spec.h"
+#include "common/model_spec.h"
+#include "common/partition.h"
+#include "common/tensor_codec.h"
+#include "gtest/gtest.h"
+#include "proto/tessera.grpc.pb.h"
+#include "tests/cluster_util.h"
+
+namespace tessera {
+namespace {
+
+using testing_util::Bin;
+using testing_util::NewTempDir;
+using testing_util::RunProgram;
+using testing_util::RunResult;
+using testing_util::ServerProcess;
+using testing_util::WriteFile;
+using tessera::v1::ClientMessage;
+using tessera::v1::ServerMessage;
+
+// The exact-sum workload: SGD with learning rate 1, so a push of all ones
+// lowers every parameter by exactly 1.
+constexpr char kExactSumJob[] = R"(
+name: "exact-sum"
+model: "linear:64-4"
+loss: MEAN_SQUARED_ERROR
+data { format: SYNTHETIC_REGRESSION num_samples: 100 validation_fraction: 0.2 }
+optimizer { type: SGD learning_rate: 1.0 }
+consistency { mode: ASYNC }
+batch_size: 4
+epochs: 1
+num_shards: 1
+num_workers: 1
+block_bytes: 256
+)";
+
+class ServerProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = NewTempDir("server");
+    job_path_ = dir_ + "/job.textproto";
+    WriteFile(job_path_, kExactSumJob);
+    auto job = LoadJob(job_path_, {});
+    ASSERT_TRUE(job.ok()) << job.status();
+    job_ = *job;
+    auto model = ParseModelSpec(job_.model(), LossKind::kMeanSquaredError);
+    ASSERT_TRUE(model.ok());
+    auto partition = Partition::Create(*model, 1, job_.block_bytes());
+    ASSERT_TRUE(partition.ok());
+    partition_ = std::make_unique<Partition>(*std::move(partition));
+    server_ = ServerProcess::Start(dir_, {"--job=" + job_path_, "--shard=0"});
+    ASSERT_NE(server_, nullptr);
+    channel_ = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+    stub_ = tessera::v1::ParameterService::NewStub(channel_);
+  }
+
+  tessera::v1::ShardStatsResponse Stats() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    tessera::v1::ShardStatsResponse out;
+    grpc::Status s = stub_->ShardStats(&ctx, {}, &out);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return out;
+  }
+
+  ClientMessage Push(int64_t step, float value) {
+    ClientMessage m;
+    m.mutable_push()->set_step(step);
+    for (const BlockInfo& b : partition_->blocks()) {
+      tessera::v1::TensorBlock* tb = m.mutable_push()->add_blocks();
+      tb->set_block_id(b.id);
+      tb->set_dtype(tessera::v1::F32);
+      std::vector<float> v(b.num_elements, value);
+      EncodeF32(v, tb->mutable_data());
+    }
+    return m;
+  }
+
+  std::string dir_;
+  std::string job_path_;
+  tessera::v1::JobSpec job_;
+  std::unique_ptr<Partition> partition_;
+  std::unique_ptr<ServerProcess> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
+};
+
+// One open Session stream.
+class Session {
+ public:
+  Session(tessera::v1::ParameterService::Stub* stub, uint64_t job_hash, int64_t incarnation) {
+    ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    stream_ = stub->Session(&ctx_);
+    ClientMessage hello;
+    hello.mutable_hello()->set_worker_id(0);
+    hello.mutable_hello()->set_incarnation(incarnation);
+    hello.mutable_hello()->set_job_hash(job_hash);
+    hello.mutable_hello()->set_shard(0);
+    hello_ok_ = Send(hello, &hello_reply_);
+  }
+  ~Session() {
+    if (!finished_) Finish().ok();
+  }
+  bool Send(ClientMessage m, ServerMessage* reply) {
+    m.set_request_id(++id_);
+    return stream_->Write(m) && stream_->Read(reply);
+  }
+  bool hello_ok() const { return hello_ok_; }
+  grpc::Status Finish() {
+    finished_ = true;
+    stream_->WritesDone();
+    return stream_->Finish();
+  }
+
+ private:
+  grpc::ClientContext ctx_;
+  std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  uint64_t id_ = 0;
+  ServerMessage hello_reply_;
+  bool hello_ok_ = false;
+  bool finished_ = false;
+};
+
+TEST_F(ServerProcessTest, ReplayedPushAppliedOnceExactSum) {
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(session.hello_ok());
+  const ClientMessage push = Push(0, 1.0f);
+  int applied = 0;
+  for (int i = 0; i < 10; ++i) {
+    ServerMessage reply;
+    ASSERT_TRUE(session.Send(push, &reply));
+    ASSERT_EQ(reply.code(), 0) << reply.message();
+    applied += reply.push().applied() ? 1 : 0;
+  }
+  EXPECT_EQ(applied, 1);
+  const tessera::v1::ShardStatsResponse after = Stats();
+  // 64*4 + 4 = 260 parameters, each lowered by 1 per applied push (up to
+  // float rounding of each parameter, far below one push's 260).
+  EXPECT_NEAR((before - after.param_sum()) / 260.0, 1.0, 1e-4);
+  EXPECT_EQ(after.pushes_applied(), 1);
+  EXPECT_EQ(after.pushes_duplicate(), 9);
+}
+
+TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(session.hello_ok());
+
+  ClientMessage wrong_size = Push(0, 1.0f);
+  wrong_size.mutable_push()->mutable_blocks(0)->mutable_data()->append("xyzw");
+  ClientMessage unknown_block = Push(0, 1.0f);
+  unknown_block.mutable_push()->mutable_blocks(0)->set_block_id(12345);
+  ClientMessage nan_gradient = Push(0, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(nan_gradient.mutable_push()->mutable_blocks(0)->mutable_data()->data(), &nan, 4);
+  ClientMessage inf_gradient = Push(0, 1.0f);
+  const float inf = std::numeric_limits<float>::infinity();
+  std::memcpy(inf_gradient.mutable_push()->mutable_blocks(1)->mutable_data()->data() + 8, &inf,
+              4);
+
+  struct Case {
+    const char* name;
+    const ClientMessage* message;
+    absl::StatusCode code;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"wrong size", &wrong_size, absl::StatusCode::kInvalidArgument, "bytes, expected"},
+      {"unknown block", &unknown_block, absl::StatusCode::kNotFound, "block 12345"},
+      {"NaN gradient", &nan_gradient, absl::StatusCode::kInvalidArgument, "NaN"},
+      {"Inf gradient", &inf_gradient, absl::StatusCode::kInvalidArgument, "infinite"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    ServerMessage reply;
+    ASSERT_TRUE(session.Send(*c.message, &reply));
+    EXPECT_EQ(reply.code(), static_cast<int>(c.code));
+    EXPECT_NE(reply.message().find(c.says), std::string::npos) << reply.message();
+    EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+  }
+  tessera::v1::ShardStatsResponse stats = Stats();
+  EXPECT_EQ(stats.requests_rejected(), 4);
+  EXPECT_EQ(stats.nonfinite_rejected(), 2);
+  EXPECT_EQ(stats.pushes_applied(), 0);
+  // The stream survives bad requests and the next good push applies.
+  ServerMessage reply;
+  ASSERT_TRUE(session.Send(Push(0, 1.0f), &reply));
+  EXPECT_EQ(reply.code(), 0) << reply.message();
+  EXPECT_TRUE(reply.push().applied());
+  EXPECT_NEAR((before - Stats().param_sum()) / 260.0, 1.0, 1e-4);
+}
+
+TEST_F(ServerProcessTest, WrongJobHashIsRefused) {
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_) ^ 1, 1);
+  grpc::Status s = session.Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(s.error_message().find("different job"), std::string::npos) << s.error_message();
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+}
+
+TEST_F(ServerProcessTest, OversizedMessageIsResourceExhausted) {
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(session.hello_ok());
+  ClientMessage huge = Push(0, 1.0f);
+  huge.mutable_push()->mutable_blocks(0)->mutable_data()->resize(6 << 20);
+  ServerMessage reply;
+  EXPECT_FALSE(session.Send(huge, &reply));
+  EXPECT_EQ(session.Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+}
+
+TEST_F(ServerProcessTest, SecondServerOnTheSamePortFailsLoudly) {
+  const absl::Time start = absl::Now();
+  RunResult r = RunProgram({Bin("tessera-server"), "--job=" + job_path_, "--shard=0",
+                     absl::StrCat("--listen=127.0.0.1:", server_->port())},
+                    dir_, absl::Seconds(10));
+  EXPECT_NE(r.status, 0);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_NE(r.output.find("cannot listen on 127.0.0.1:" + std::to_string(server_->port())),
+            std::string::npos)
+      << r.output;
+  // The first server is unharmed.
+  EXPECT_EQ(Stats().shard(), 0);
+}
+
+TEST(JobFileTest, MalformedJobFilesNameTheProblem) {
+  const std::string dir = NewTempDir("badjob");
+  struct Case {
+    const char* name;
+    std::string text;
+    const char* says;
+  };
+  const std::string base = kExactSumJob;
+  std::string bad_model = base;
+  bad_model.replace(bad_model.find("linear:64-4"), 11, "mlp:64-x-4");
+  std::string bad_enum = base;
+  bad_enum.replace(bad_enum.find("MEAN_SQUARED_ERROR"), 18, "HINGE");
+  std::string zero_batch = base;
+  zero_batch.replace(zero_batch.find("batch_size: 4"), 13, "batch_size: 0");
+  const Case cases[] = {
+      {"misspelled_field", base + "epoch: 3\n", "epoch"},
+      {"zero_batch", zero_batch, "job.batch_size"},
+      {"bad_model", bad_model, "job.model"},
+      {"bad_enum", bad_enum, "HINGE"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string path = dir + "/" + c.name + ".textproto";
+    WriteFile(path, c.text);
+    for (const char* binary : {"tessera-server", "tessera-worker"}) {
+      const absl::Time start = absl::Now();
+      std::vector<std::string> argv = {Bin(binary), "--job=" + path};
+      if (std::string(binary) == "tessera-worker") argv.push_back("--servers=127.0.0.1:1");
+      RunResult r = RunProgram(argv, dir, absl::Seconds(10));
+      EXPECT_EQ(r.status, 1) << binary << ": " << r.output;
+      EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << binary;
+      EXPECT_NE(r.output.find(c.says), std::string::npos) << binary << ": " << r.output;
+      EXPECT_NE(r.output.find(path), std::string::npos) << binary << ": " << r.output;
+      EXPECT_EQ(r.output.find("core dumped"), std::string::npos);
+    }
+  }
+  RunResult missing = RunProgram({Bin("tessera-server"), "--job=" + dir + "/nope.textproto"}, dir,
+                          absl::Seconds(10));
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.output.find("nope.textproto"), std::string::npos) << missing.output;
+}
+
+TEST(CommandLineTest, HelpExitsZeroAndListsFlags) {
+  const std::string dir = NewTempDir("help");
+  const std::pair<const char*, const char*> binaries[] = {
+      {"tessera-server", "--shard"}, {"tessera-worker", "--rank"}, {"tessera", "--workers"}};
+  for (const auto& [binary, flag] : binaries) {
+    RunResult r = RunProgram({Bin(binary), "--help"}, dir, absl::Seconds(10));
+    EXPECT_EQ(r.status, 0) << binary;
+    EXPECT_NE(r.output.find(std::string(flag).substr(2)), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("learning_rate"), std::string::npos) << r.output;
+  }
+  RunResult unknown = RunProgram({Bin("tessera-server"), "--no_such_flag=1"}, dir, absl::Seconds(10));
+  EXPECT_NE(unknown.status, 0);
+  EXPECT_NE(unknown.output.find("no_such_flag"), std::string::npos) << unknown.output;
+}
+
+}  // namespace
+}  // namespace tessera

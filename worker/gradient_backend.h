@@ -1,0 +1,62 @@
+// The single interface through which workers do gradient math, so that a
+// device implementation can replace the CPU one without touching callers.
+
+#ifndef TESSERA_WORKER_GRADIENT_BACKEND_H_
+#define TESSERA_WORKER_GRADIENT_BACKEND_H_
+
+#include <cstdint>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace tessera {
+
+// One mini-batch in host memory, row-major. The pointers are borrowed and
+// must stay valid for the duration of the call that receives the batch.
+// Exactly the field the model's loss needs must be set: `labels` for softmax
+// cross-entropy, `targets` for mean squared error.
+struct Batch {
+  const float* features = nullptr;  // rows x input_dim
+  int64_t rows = 0;
+  const int32_t* labels = nullptr;  // rows class ids in [0, output_dim)
+  const float* targets = nullptr;   // rows x output_dim
+};
+
+// Forward-only statistics over one batch. Sums rather than means so results
+// from several batches (or several workers) can be added before dividing.
+struct EvalResult {
+  double loss_sum = 0;  // per-row loss summed over rows
+  int64_t correct = 0;  // rows whose argmax equals the label; 0 for MSE
+  int64_t count = 0;    // rows evaluated
+};
+
+// Computes losses and gradients of one fixed model. Not thread-safe: use one
+// instance per worker thread.
+class GradientBackend {
+ public:
+  virtual ~GradientBackend() = default;
+
+  // Short identifier such as "cpu", for logs and metrics.
+  virtual std::string_view name() const = 0;
+
+  // `params` holds model.total_params() floats: the model's parameters in
+  // ModelSpec::params order, concatenated. On success `grads` (same layout
+  // and size) is fully overwritten with d(mean batch loss)/d(param) and the
+  // mean loss over the batch is returned. Bad input (rows <= 0 or above the
+  // backend's max batch, wrong span sizes, a label out of range, a null
+  // pointer for a needed field) returns kInvalidArgument naming the problem
+  // and leaves `grads` untouched.
+  virtual absl::StatusOr<float> ComputeGradients(absl::Span<const float> params,
+                                                 const Batch& batch,
+                                                 absl::Span<float> grads) = 0;
+
+  // Forward pass only, with the same validation as ComputeGradients.
+  // Batches larger than the backend's max batch must be split by the caller.
+  virtual absl::StatusOr<EvalResult> Evaluate(absl::Span<const float> params,
+                                              const Batch& batch) = 0;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_WORKER_GRADIENT_BACKEND_H_

@@ -1,0 +1,295 @@
+#include "worker/grpc_parameter_client.h"
+
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_status.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
+#include "proto/tessera.grpc.pb.h"
+
+namespace tessera {
+namespace {
+
+using tessera::v1::ClientMessage;
+using tessera::v1::ServerMessage;
+
+// One shard's stream and the messages reused on it. Not thread-safe: only
+// the shard's own lane touches it.
+class ShardStream {
+ public:
+  ShardStream(int shard, std::string address, const Partition& partition)
+      : shard_(shard), address_(std::move(address)), partition_(partition) {}
+
+  ~ShardStream() {
+    if (stream_ != nullptr) {
+      stream_->WritesDone();
+      stream_->Finish().ok();  // the outcome no longer matters on teardown
+    }
+  }
+
+  absl::Status Open(const GrpcClientOptions& options) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(options.max_message_bytes);
+    args.SetMaxSendMessageSize(options.max_message_bytes);
+    channel_ = grpc::CreateCustomChannel(
+        address_, grpc::InsecureChannelCredentials(), args);
+    const auto deadline = std::chrono::system_clock::now() +
+                          absl::ToChronoMilliseconds(options.connect_timeout);
+    if (!channel_->WaitForConnected(deadline)) {
+      return absl::UnavailableError(
+          absl::StrCat(Where(), ": not reachable within ",
+                       absl::FormatDuration(options.connect_timeout)));
+    }
+    stub_ = tessera::v1::ParameterService::NewStub(channel_);
+    stream_ = stub_->Session(&context_);
+    ClientMessage hello;
+    hello.set_request_id(next_id_++);
+    tessera::v1::Hello* h = hello.mutable_hello();
+    h->set_worker_id(options.worker_id);
+    h->set_incarnation(options.incarnation);
+    h->set_job_hash(options.job_hash);
+    h->set_shard(shard_);
+    return Exchange(hello);
+  }
+
+  // Pull request for `step`; decodes into `params`.
+  absl::Status Pull(int64_t step, absl::Span<float> params, int64_t* version) {
+    request_.Clear();
+    request_.set_request_id(next_id_++);
+    request_.mutable_pull()->set_step(step);
+    TESSERA_RETURN_IF_ERROR(Exchange(request_));
+    return Decode(params, version);
+  }
+
+  // Fused push-pull.
+  absl::Status PushAndPull(int64_t step, absl::Span<const float> grads,
+                           absl::Span<float> params, bool* applied) {
+    // The push message keeps its block buffers from step to step; only the
+    // payload bytes are rewritten.
+    const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
+    push_.set_request_id(next_id_++);
+    tessera::v1::PushRequest* push = push_.mutable_push();
+    push->set_step(step);
+    push->set_return_parameters(true);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const BlockInfo& b = partition_.blocks()[ids[i]];
+      tessera::v1::TensorBlock* tb = static_cast<int>(i) < push->blocks_size()
+                                         ? push->mutable_blocks(i)
+                                         : push->add_blocks();
+      tb->set_block_id(b.id);
+      tb->set_dtype(tessera::v1::F32);
+      EncodeF32(grads.subspan(b.flat_offset, b.num_elements), tb->mutable_data());
+    }
+    TESSERA_RETURN_IF_ERROR(Exchange(push_));
+    *applied = reply_.push().applied();
+    int64_t version;
+    return Decode(params, &version);
+  }
+
+ private:
+  std::string Where() const {
+    return absl::StrCat("shard ", shard_, " (", address_, ")");
+  }
+
+  absl::Status Exchange(const ClientMessage& request) {
+    if (!stream_->Write(request) || !stream_->Read(&reply_)) {
+      absl::Status s = FromGrpcStatus(stream_->Finish());
+      stream_.reset();
+      if (s.ok()) s = absl::UnavailableError("stream closed by the server");
+      return Annotate(s, Where());
+    }
+    if (reply_.request_id() != request.request_id()) {
+      return absl::InternalError(absl::StrCat(
+          Where(), ": reply to request ", reply_.request_id(), ", expected ",
+          request.request_id()));
+    }
+    return Annotate(StatusFromCode(reply_.code(), reply_.message()), Where());
+  }
+
+  absl::Status Decode(absl::Span<float> params, int64_t* version) {
+    const tessera::v1::PullResult& pull = reply_.pull();
+    const size_t expected = partition_.shard_blocks(shard_).size();
+    if (static_cast<size_t>(pull.blocks_size()) != expected) {
+      return absl::DataLossError(absl::StrCat(Where(), ": sent ", pull.blocks_size(),
+                                              " blocks, expected ", expected));
+    }
+    for (const tessera::v1::TensorBlock& tb : pull.blocks()) {
+      if (tb.block_id() >= partition_.blocks().size() ||
+          partition_.blocks()[tb.block_id()].shard != shard_) {
+        return absl::DataLossError(
+            absl::StrCat(Where(), ": sent block ", tb.block_id(), " it does not own"));
+      }
+      const BlockInfo& b = partition_.blocks()[tb.block_id()];
+      TESSERA_RETURN_IF_ERROR(Annotate(
+          DecodeF32(tb.dtype(), tb.data(), params.subspan(b.flat_offset, b.num_elements)),
+          absl::StrCat(Where(), " block ", b.id)));
+    }
+    *version = pull.version();
+    return absl::OkStatus();
+  }
+
+  const int shard_;
+  const std::string address_;
+  const Partition& partition_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  uint64_t next_id_ = 1;
+  ClientMessage request_;
+  ClientMessage push_;
+  ServerMessage reply_;
+};
+
+// Runs one function per shard in parallel on long-lived threads (one per
+// shard beyond the first; the caller's thread serves shard 0), so a step
+// neither creates threads nor allocates. Thread-safe for one caller.
+class ShardLanes {
+ public:
+  explicit ShardLanes(int num_shards) : num_shards_(num_shards) {
+    for (int s = 1; s < num_shards; ++s) {
+      threads_.emplace_back([this, s] { Loop(s); });
+    }
+  }
+  ~ShardLanes() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    for (std::thread& t : threads_) t.join();
+  }
+
+  // Calls fn(s) for every shard and returns the first error by shard order.
+  absl::Status Run(const std::function<absl::Status(int)>& fn) {
+    std::vector<absl::Status>& results = results_;
+    results.assign(num_shards_, absl::OkStatus());
+    {
+      absl::MutexLock lock(&mu_);
+      task_ = &fn;
+      pending_ = num_shards_ - 1;
+      ++generation_;
+    }
+    results[0] = fn(0);
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](int* pending) { return *pending == 0; }, &pending_));
+      task_ = nullptr;
+    }
+    for (const absl::Status& s : results) {
+      if (!s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  void Loop(int shard) {
+    int64_t seen = 0;
+    while (true) {
+      const std::function<absl::Status(int)>* task;
+      {
+        absl::MutexLock lock(&mu_);
+        auto woken = [this, &seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || generation_ != seen;
+        };
+        mu_.Await(absl::Condition(&woken));
+        if (stop_) return;
+        seen = generation_;
+        task = task_;
+      }
+      absl::Status s = (*task)(shard);
+      absl::MutexLock lock(&mu_);
+      results_[shard] = std::move(s);
+      --pending_;
+    }
+  }
+
+  const int num_shards_;
+  std::vector<std::thread> threads_;
+  absl::Mutex mu_;
+  const std::function<absl::Status(int)>* task_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  // Written by each lane for its own index only.
+  std::vector<absl::Status> results_;
+};
+
+class GrpcParameterClient final : public ParameterClient {
+ public:
+  GrpcParameterClient(const Partition& partition,
+                      std::vector<std::unique_ptr<ShardStream>> shards)
+      : partition_(partition),
+        shards_(std::move(shards)),
+        lanes_(static_cast<int>(shards_.size())),
+        versions_(shards_.size()),
+        applied_(shards_.size()) {}
+
+  absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) override {
+    TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
+    TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
+      return shards_[s]->Pull(step, params, &versions_[s]);
+    }));
+    return *std::min_element(versions_.begin(), versions_.end());
+  }
+
+  absl::StatusOr<int> PushAndPull(int64_t step, absl::Span<const float> grads,
+                                  absl::Span<float> params) override {
+    TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
+    TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
+    TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
+      bool applied = false;
+      absl::Status st = shards_[s]->PushAndPull(step, grads, params, &applied);
+      applied_[s] = applied ? 1 : 0;
+      return st;
+    }));
+    int not_applied = 0;
+    for (char a : applied_) not_applied += a ? 0 : 1;
+    return not_applied;
+  }
+
+ private:
+  absl::Status CheckSize(size_t n) const {
+    if (static_cast<int64_t>(n) != partition_.total_elements()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "buffer has ", n, " elements, the model has ", partition_.total_elements()));
+    }
+    return absl::OkStatus();
+  }
+
+  const Partition& partition_;
+  std::vector<std::unique_ptr<ShardStream>> shards_;
+  ShardLanes lanes_;
+  // Written by each lane for its own index only.
+  std::vector<int64_t> versions_;
+  std::vector<char> applied_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ParameterClient>> CreateGrpcParameterClient(
+    const Partition& partition, const GrpcClientOptions& options) {
+  if (static_cast<int>(options.servers.size()) != partition.num_shards()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--servers lists ", options.servers.size(),
+        " addresses but job.num_shards is ", partition.num_shards()));
+  }
+  std::vector<std::unique_ptr<ShardStream>> shards;
+  for (int s = 0; s < partition.num_shards(); ++s) {
+    auto stream = std::make_unique<ShardStream>(s, options.servers[s], partition);
+    TESSERA_RETURN_IF_ERROR(stream->Open(options));
+    shards.push_back(std::move(stream));
+  }
+  return std::unique_ptr<ParameterClient>(
+      new GrpcParameterClient(partition, std::move(shards)));
+}
+
+}  // namespace tessera

@@ -1,0 +1,38 @@
+// ParameterClient over one long-lived gRPC stream per shard.
+
+#ifndef TESSERA_WORKER_GRPC_PARAMETER_CLIENT_H_
+#define TESSERA_WORKER_GRPC_PARAMETER_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/partition.h"
+#include "worker/parameter_client.h"
+
+namespace tessera {
+
+struct GrpcClientOptions {
+  std::vector<std::string> servers;  // one address per shard, in shard order
+  int worker_id = 0;
+  int64_t incarnation = 0;
+  uint64_t job_hash = 0;
+  // Largest message the client accepts (a shard's parameters plus slack).
+  int max_message_bytes = 64 << 20;
+  // How long to wait for each server to accept a connection.
+  absl::Duration connect_timeout = absl::Seconds(60);
+};
+
+// Opens a stream to every shard and says Hello on each. Shards are served in
+// parallel: each stream has its own thread, so a step costs the slowest
+// shard's time, not the sum. kUnavailable naming the shard and address when
+// a server cannot be reached; kFailedPrecondition when a server rejects the
+// Hello (other job, wrong shard order).
+absl::StatusOr<std::unique_ptr<ParameterClient>> CreateGrpcParameterClient(
+    const Partition& partition, const GrpcClientOptions& options);
+
+}  // namespace tessera
+
+#endif  // TESSERA_WORKER_GRPC_PARAMETER_CLIENT_H_

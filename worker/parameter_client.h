@@ -1,0 +1,37 @@
+// The worker's view of the parameter servers: pull parameters, push
+// gradients. Implemented over gRPC streams (grpc_parameter_client.h) and,
+// for tests, directly on in-process stores.
+
+#ifndef TESSERA_WORKER_PARAMETER_CLIENT_H_
+#define TESSERA_WORKER_PARAMETER_CLIENT_H_
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace tessera {
+
+// Both calls work on the model's flat parameter layout (ModelSpec::params
+// concatenated). Not thread-safe: one caller at a time.
+class ParameterClient {
+ public:
+  virtual ~ParameterClient() = default;
+
+  // Fills `params` with every shard's parameters as a worker at `step` may
+  // see them (SYNC waits for `step` applied updates). Returns the smallest
+  // version reported by the shards.
+  virtual absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) = 0;
+
+  // Pushes the gradients of `step` to every shard and fills `params` with
+  // the parameters for step + 1 (fused push-pull). Returns the number of
+  // shards that acknowledged the push without applying it (duplicates or
+  // closed steps).
+  virtual absl::StatusOr<int> PushAndPull(int64_t step,
+                                          absl::Span<const float> grads,
+                                          absl::Span<float> params) = 0;
+};
+
+}  // namespace tessera
+
+#endif  // TESSERA_WORKER_PARAMETER_CLIENT_H_

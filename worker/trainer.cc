@@ -1,0 +1,193 @@
+#include "worker/trainer.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/job_spec.h"
+#include "common/status_macros.h"
+
+namespace tessera {
+namespace {
+
+void DrawProgress(std::ostream& out, int64_t done, int64_t total, double loss) {
+  constexpr int kWidth = 30;
+  const int filled = total > 0 ? static_cast<int>(kWidth * done / total) : kWidth;
+  std::string bar(kWidth, '.');
+  std::fill(bar.begin(), bar.begin() + filled, '=');
+  if (filled < kWidth) bar[filled] = '>';
+  out << absl::StrFormat("\r%6d/%d [%s] - loss: %.4f", done, total, bar, loss)
+      << std::flush;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> StepsPerEpoch(const tessera::v1::JobSpec& job,
+                                      int64_t train_rows) {
+  const int64_t per_step =
+      static_cast<int64_t>(job.num_workers()) * job.batch_size();
+  const int64_t steps = train_rows / per_step;
+  if (steps < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "job.batch_size: ", job.num_workers(), " workers x batch ",
+        job.batch_size(), " = ", per_step, " samples per step, but the training set has only ",
+        train_rows));
+  }
+  return steps;
+}
+
+void WorkerBatchRows(const std::vector<int64_t>& permutation,
+                     int64_t step_in_epoch, int rank, int num_workers,
+                     int batch_size, std::vector<int64_t>* rows) {
+  rows->resize(batch_size);
+  const int64_t base = step_in_epoch * batch_size;
+  for (int j = 0; j < batch_size; ++j) {
+    (*rows)[j] = permutation[(base + j) * num_workers + rank];
+  }
+}
+
+absl::StatusOr<EvalResult> EvaluateDataset(GradientBackend* backend,
+                                           absl::Span<const float> params,
+                                           const Dataset& data, int64_t chunk) {
+  EvalResult total;
+  for (int64_t begin = 0; begin < data.rows; begin += chunk) {
+    const int64_t count = std::min(chunk, data.rows - begin);
+    TESSERA_ASSIGN_OR_RETURN(
+        EvalResult r, backend->Evaluate(params, BatchBuffer::View(data, begin, count)));
+    total.loss_sum += r.loss_sum;
+    total.correct += r.correct;
+    total.count += r.count;
+  }
+  return total;
+}
+
+std::string FormatEpochLine(int epoch, int epochs, const EpochStats& s,
+                            bool classification) {
+  std::string line = absl::StrFormat("epoch %d/%d - %.1fs - loss: %.4f - val_loss: %.4f",
+                                     epoch, epochs, s.seconds, s.train_loss, s.val_loss);
+  if (classification) absl::StrAppendFormat(&line, " - val_accuracy: %.4f", s.val_accuracy);
+  absl::StrAppendFormat(&line, " - %.0f samples/s", s.samples_per_sec);
+  return line;
+}
+
+std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) {
+  std::vector<std::string> val_losses;
+  for (const EpochStats& e : s.epochs) val_losses.push_back(absl::StrFormat("%.6g", e.val_loss));
+  std::string json = "{";
+  if (s.classification) absl::StrAppendFormat(&json, "\"test_accuracy\": %.6g, ", s.test_accuracy);
+  absl::StrAppendFormat(&json,
+                        "\"test_loss\": %.6g, \"val_loss\": [%s], \"epochs\": %d, "
+                        "\"steps\": %d, \"samples_per_sec\": %.6g, \"wall_seconds\": %.6g, "
+                        "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
+                        "\"batch_size\": %d, \"duplicate_acks\": %d}\n",
+                        s.test_loss, absl::StrJoin(val_losses, ", "),
+                        static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
+                        s.wall_seconds, ModeName(job.consistency().mode()),
+                        job.num_workers(), job.num_shards(), job.batch_size(),
+                        s.duplicate_acks);
+  return json;
+}
+
+absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
+                                   const ModelSpec& model, const Dataset& train,
+                                   const Dataset& test, GradientBackend* backend,
+                                   ParameterClient* client,
+                                   const TrainerOptions& options) {
+  const int workers = job.num_workers();
+  const int batch = job.batch_size();
+  TESSERA_ASSIGN_OR_RETURN(const int64_t steps_per_epoch,
+                           StepsPerEpoch(job, train.rows));
+  int64_t total_steps = steps_per_epoch * job.epochs();
+  if (job.max_steps() > 0) total_steps = std::min(total_steps, job.max_steps());
+  const int64_t eval_chunk = std::max<int64_t>(batch, 512);
+
+  TrainSummary summary;
+  summary.classification = model.loss == LossKind::kSoftmaxCrossEntropy;
+  std::vector<float> params(model.total_params());
+  std::vector<float> grads(model.total_params());
+  absl::StatusOr<int64_t> initial = client->Pull(0, absl::MakeSpan(params));
+  if (!initial.ok()) return Annotate(initial.status(), "initial pull");
+  const int64_t version = *initial;
+  // A synchronous worker that (re)joins a running job starts at the step
+  // the servers are at; asynchronous versions count pushes, not steps.
+  const int64_t first_step =
+      job.consistency().mode() == tessera::v1::SYNC ? std::min(version, total_steps) : 0;
+
+  const absl::Time run_start = absl::Now();
+  std::vector<int64_t> permutation;
+  std::vector<int64_t> rows;
+  BatchBuffer buffer;
+  absl::Time epoch_start;
+  absl::Time last_draw = absl::InfinitePast();
+  double loss_sum = 0;
+  int64_t loss_count = 0;
+  int64_t samples_seen = 0;
+  for (int64_t step = first_step; step < total_steps; ++step) {
+    const int epoch = static_cast<int>(step / steps_per_epoch);
+    const int64_t in_epoch = step % steps_per_epoch;
+    if (in_epoch == 0 || step == first_step) {
+      permutation = EpochPermutation(train.rows, job.seed(), epoch);
+      epoch_start = absl::Now();
+      loss_sum = 0;
+      loss_count = 0;
+    }
+    WorkerBatchRows(permutation, in_epoch, options.rank, workers, batch, &rows);
+    const Batch b = buffer.Gather(train, rows);
+    TESSERA_ASSIGN_OR_RETURN(
+        const float loss,
+        backend->ComputeGradients(params, b, absl::MakeSpan(grads)));
+    TESSERA_ASSIGN_OR_RETURN(
+        const int not_applied,
+        client->PushAndPull(step, grads, absl::MakeSpan(params)));
+    summary.duplicate_acks += not_applied;
+    ++summary.steps;
+    samples_seen += static_cast<int64_t>(batch) * workers;
+    loss_sum += loss;
+    ++loss_count;
+    const double mean_loss = loss_sum / loss_count;
+    if (options.on_step) options.on_step(step, epoch, mean_loss);
+
+    const bool epoch_end = in_epoch == steps_per_epoch - 1 || step == total_steps - 1;
+    if (options.progress_bar && options.out != nullptr && !epoch_end &&
+        absl::Now() - last_draw > absl::Milliseconds(100)) {
+      DrawProgress(*options.out, in_epoch + 1, steps_per_epoch, mean_loss);
+      last_draw = absl::Now();
+    }
+    if (!epoch_end) continue;
+
+    EpochStats stats;
+    stats.seconds = absl::ToDoubleSeconds(absl::Now() - epoch_start);
+    stats.train_loss = mean_loss;
+    stats.samples_per_sec =
+        stats.seconds > 0 ? loss_count * static_cast<double>(batch) * workers / stats.seconds
+                          : 0;
+    if (options.evaluate) {
+      TESSERA_ASSIGN_OR_RETURN(EvalResult r,
+                               EvaluateDataset(backend, params, test, eval_chunk));
+      stats.val_loss = r.loss_sum / std::max<int64_t>(1, r.count);
+      stats.val_accuracy = static_cast<double>(r.correct) / std::max<int64_t>(1, r.count);
+    }
+    summary.epochs.push_back(stats);
+    if (options.out != nullptr && options.evaluate) {
+      if (options.progress_bar) *options.out << "\r\033[K";
+      *options.out << FormatEpochLine(epoch + 1, job.epochs(), stats,
+                                      summary.classification)
+                   << std::endl;
+    }
+  }
+  summary.wall_seconds = absl::ToDoubleSeconds(absl::Now() - run_start);
+  summary.samples_per_sec =
+      summary.wall_seconds > 0 ? samples_seen / summary.wall_seconds : 0;
+  if (!summary.epochs.empty()) {
+    summary.test_loss = summary.epochs.back().val_loss;
+    summary.test_accuracy = summary.epochs.back().val_accuracy;
+  }
+  summary.final_params = std::move(params);
+  return summary;
+}
+
+}  // namespace tessera

@@ -1,0 +1,94 @@
+// The worker's training loop: pull, compute, push, with per-epoch
+// evaluation and a Keras-style progress line. Transport-free: it talks to a
+// ParameterClient and a GradientBackend.
+
+#ifndef TESSERA_WORKER_TRAINER_H_
+#define TESSERA_WORKER_TRAINER_H_
+
+#include <cstdint>
+#include <functional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_spec.h"
+#include "proto/tessera.pb.h"
+#include "worker/dataset.h"
+#include "worker/gradient_backend.h"
+#include "worker/parameter_client.h"
+
+namespace tessera {
+
+struct TrainerOptions {
+  int rank = 0;
+  // Whether this worker evaluates after each epoch and prints the epoch
+  // lines (by default only rank 0 does).
+  bool evaluate = true;
+  // Stream for the epoch lines (stdout in the binary); null for silence.
+  std::ostream* out = nullptr;
+  // Redraw a progress bar on `out` while an epoch runs (terminals only).
+  bool progress_bar = false;
+  // Called after every step with (global step, epoch, mean loss so far);
+  // for heartbeats. May be empty.
+  std::function<void(int64_t, int, double)> on_step;
+};
+
+struct EpochStats {
+  double seconds = 0;
+  double train_loss = 0;
+  double val_loss = 0;
+  double val_accuracy = 0;  // classification only
+  double samples_per_sec = 0;  // all workers together
+};
+
+struct TrainSummary {
+  std::vector<EpochStats> epochs;
+  int64_t steps = 0;
+  int64_t duplicate_acks = 0;  // pushes acknowledged without effect
+  double wall_seconds = 0;
+  double samples_per_sec = 0;  // all workers, whole run
+  double test_loss = 0;
+  double test_accuracy = 0;
+  bool classification = false;
+  std::vector<float> final_params;
+};
+
+// Steps per epoch: every worker takes the same number of full batches, so
+// synchronous barriers line up; the remainder of each epoch's permutation
+// is dropped. kInvalidArgument when not even one step fits.
+absl::StatusOr<int64_t> StepsPerEpoch(const tessera::v1::JobSpec& job,
+                                      int64_t train_rows);
+
+// Indices of the rows worker `rank` trains on at step `step_in_epoch`,
+// given the epoch's permutation: the rank-th of every num_workers
+// consecutive positions of the global batch, so that W workers with batch
+// b see exactly the samples one worker with batch W*b would.
+void WorkerBatchRows(const std::vector<int64_t>& permutation, int64_t step_in_epoch,
+                     int rank, int num_workers, int batch_size,
+                     std::vector<int64_t>* rows);
+
+// Runs the job to the end (epochs or max_steps). Not thread-safe.
+absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
+                                   const ModelSpec& model, const Dataset& train,
+                                   const Dataset& test, GradientBackend* backend,
+                                   ParameterClient* client,
+                                   const TrainerOptions& options);
+
+// Loss and accuracy of `params` on `data`, in chunks of at most `chunk` rows.
+absl::StatusOr<EvalResult> EvaluateDataset(GradientBackend* backend,
+                                           absl::Span<const float> params,
+                                           const Dataset& data, int64_t chunk);
+
+// Keras-style line: "epoch 3/10 - 4.2s - loss: 0.4312 - val_loss: 0.4520 -
+// val_accuracy: 0.8411 - 14301 samples/s".
+std::string FormatEpochLine(int epoch, int epochs, const EpochStats& s,
+                            bool classification);
+
+// The summary as JSON (test_accuracy, test_loss, val_loss per epoch,
+// epochs, steps, samples_per_sec, wall_seconds, mode).
+std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job);
+
+}  // namespace tessera
+
+#endif  // TESSERA_WORKER_TRAINER_H_
