@@ -25,6 +25,7 @@
 #include "common/grpc_status.h"
 #include "common/job_spec.h"
 #include "common/subprocess.h"
+#include "proto/health.grpc.pb.h"
 #include "proto/tessera.grpc.pb.h"
 
 ABSL_FLAG(int32_t, servers, 2, "local: number of parameter servers (shards).");
@@ -48,6 +49,8 @@ constexpr char kUsage[] =
     "  tessera local --job=JOB.textproto [--servers=2] [--workers=2] [overrides]\n"
     "      Start servers and workers on 127.0.0.1, show worker 0's progress,\n"
     "      stop everything on exit, error or Ctrl-C.\n"
+    "  tessera health HOST:PORT\n"
+    "      Exit 0 when the server answers SERVING (joined and ready), 1 otherwise.\n"
     "  tessera status ADDR\n"
     "      Show the job as the coordinator at ADDR (host:port of shard 0) sees it.\n";
 
@@ -100,6 +103,25 @@ std::string FailureReport(const Child& c, int status) {
   return out;
 }
 
+// Waits for a server's port file; fails when the server exits first or the
+// deadline passes.
+absl::StatusOr<int> WaitForPort(Child& server, const std::string& port_file,
+                                absl::Time deadline) {
+  while (true) {
+    std::ifstream in(port_file);
+    int port = 0;
+    if (in >> port && port > 0) return port;
+    if (std::optional<int> status = server.process->Poll()) {
+      return absl::FailedPreconditionError(FailureReport(server, *status));
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat(server.name, " did not start listening; see ", server.log));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+}
+
 int RunLocal() {
   const std::string job_path = tessera::JobFlag();
   if (job_path.empty()) return Fail("local: --job is required");
@@ -138,44 +160,38 @@ int RunLocal() {
   sigaddset(&stop_signals, SIGTERM);
   sigprocmask(SIG_BLOCK, &stop_signals, nullptr);
 
+  // Shard 0 hosts the coordinator; the other shards join it, so they start
+  // once its port is known.
   std::vector<Child> servers;
-  for (int s = 0; s < num_servers; ++s) {
-    tessera::SpawnOptions opt;
-    opt.argv = {absl::StrCat(bin_dir, "/tessera-server"), absl::StrCat("--shard=", s),
-                "--listen=127.0.0.1:0",
-                absl::StrCat("--port_file=", log_dir, "/server-", s, ".port")};
-    opt.argv.insert(opt.argv.end(), common.begin(), common.end());
-    opt.stdout_path = opt.stderr_path = absl::StrCat(log_dir, "/server-", s, ".log");
-    unlink(absl::StrCat(log_dir, "/server-", s, ".port").c_str());
-    absl::StatusOr<std::unique_ptr<tessera::Subprocess>> p = tessera::Subprocess::Spawn(opt);
-    if (!p.ok()) return Fail(std::string(p.status().message()));
-    servers.push_back({absl::StrCat("server ", s), opt.stdout_path, *std::move(p)});
-  }
-
-  // Wait for every server's port file.
   std::vector<std::string> addresses(num_servers);
   const absl::Time deadline =
       absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_startup_timeout_s));
   for (int s = 0; s < num_servers; ++s) {
     const std::string port_file = absl::StrCat(log_dir, "/server-", s, ".port");
-    int port = 0;
-    while (port == 0) {
-      std::ifstream in(port_file);
-      if (in >> port && port > 0) break;
-      port = 0;
-      if (std::optional<int> status = servers[s].process->Poll()) {
-        std::string report = FailureReport(servers[s], *status);
-        StopAll(servers, absl::Seconds(5));
-        return Fail(report);
-      }
-      if (absl::Now() > deadline) {
-        StopAll(servers, absl::Seconds(5));
-        return Fail(absl::StrCat("server ", s, " did not start listening; see ",
-                                 servers[s].log));
-      }
-      absl::SleepFor(absl::Milliseconds(20));
+    tessera::SpawnOptions opt;
+    opt.argv = {absl::StrCat(bin_dir, "/tessera-server"), absl::StrCat("--shard=", s),
+                "--listen=127.0.0.1:0", absl::StrCat("--port_file=", port_file)};
+    if (s > 0) opt.argv.push_back(absl::StrCat("--coordinator=", addresses[0]));
+    opt.argv.insert(opt.argv.end(), common.begin(), common.end());
+    opt.stdout_path = opt.stderr_path = absl::StrCat(log_dir, "/server-", s, ".log");
+    unlink(port_file.c_str());
+    absl::StatusOr<std::unique_ptr<tessera::Subprocess>> p = tessera::Subprocess::Spawn(opt);
+    if (!p.ok()) {
+      StopAll(servers, absl::Seconds(5));
+      return Fail(std::string(p.status().message()));
     }
-    addresses[s] = absl::StrCat("127.0.0.1:", port);
+    servers.push_back({absl::StrCat("server ", s), opt.stdout_path, *std::move(p)});
+    if (s == 0 || s == num_servers - 1) {
+      // Wait for the port files written so far (shard 0 alone, then the rest).
+      for (int w = s == 0 ? 0 : 1; w <= s; ++w) {
+        absl::StatusOr<int> port = WaitForPort(servers[w], absl::StrCat(log_dir, "/server-", w, ".port"), deadline);
+        if (!port.ok()) {
+          StopAll(servers, absl::Seconds(5));
+          return Fail(std::string(port.status().message()));
+        }
+        addresses[w] = absl::StrCat("127.0.0.1:", *port);
+      }
+    }
   }
   std::cerr << "tessera: " << num_servers << " servers on " << absl::StrJoin(addresses, ",")
             << ", " << num_workers << " workers; logs in " << log_dir << std::endl;
@@ -252,6 +268,24 @@ int RunLocal() {
   return 0;
 }
 
+// Exit 0 only when the server at `address` answers SERVING.
+int RunHealth(const std::string& address) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
+  grpc::health::v1::HealthCheckResponse response;
+  const grpc::Status s = stub->Check(&ctx, grpc::health::v1::HealthCheckRequest(), &response);
+  if (!s.ok()) {
+    std::cout << address << ": " << tessera::FromGrpcStatus(s).ToString() << std::endl;
+    return 1;
+  }
+  std::cout << address << ": "
+            << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status())
+            << std::endl;
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
+}
+
 int RunStatus(const std::string& address) {
   auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
@@ -261,7 +295,12 @@ int RunStatus(const std::string& address) {
   absl::Status s = tessera::FromGrpcStatus(
       stub->JobStatus(&ctx, tessera::v1::JobStatusRequest(), &status));
   if (!s.ok()) return Fail(absl::StrCat("status ", address, ": ", s.message()));
-  std::cout << "job '" << status.job_name() << "' (hash " << status.job_hash() << ")\n";
+  std::cout << "job '" << status.job_name() << "' (hash " << status.job_hash() << "): "
+            << status.servers_size() << "/" << status.num_shards() << " servers, "
+            << status.workers_size() << "/" << status.num_workers() << " workers registered\n";
+  for (const tessera::v1::ServerStatus& s : status.servers()) {
+    std::cout << absl::StrFormat("shard %-3d %s\n", s.shard(), s.address());
+  }
   std::cout << absl::StrFormat("%-7s %-6s %-8s %-6s %-9s %s\n", "worker", "alive", "step",
                                "epoch", "loss", "last seen");
   for (const tessera::v1::WorkerStatus& w : status.workers()) {
@@ -284,6 +323,10 @@ int main(int argc, char** argv) {
   if (command == "local") {
     if (args.size() != 2) return Fail("local takes no positional arguments");
     return RunLocal();
+  }
+  if (command == "health") {
+    if (args.size() != 3) return Fail("usage: tessera health HOST:PORT");
+    return RunHealth(args[2]);
   }
   if (command == "status") {
     if (args.size() != 3) return Fail("usage: tessera status HOST:PORT");

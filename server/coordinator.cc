@@ -11,7 +11,27 @@ constexpr absl::Duration kAliveWindow = absl::Seconds(10);
 }  // namespace
 
 Coordinator::Coordinator(const tessera::v1::JobSpec& job, uint64_t job_hash)
-    : job_name_(job.name()), job_hash_(job_hash), members_(job.num_workers()) {}
+    : job_name_(job.name()),
+      job_hash_(job_hash),
+      num_shards_(job.num_shards()),
+      members_(job.num_workers()),
+      servers_(job.num_shards()) {}
+
+absl::Status Coordinator::RegisterServer(int shard, uint64_t job_hash,
+                                         const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  if (shard < 0 || shard >= static_cast<int>(servers_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "server shard ", shard, " out of range [0, ", servers_.size(), ")"));
+  }
+  if (job_hash != job_hash_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server for shard ", shard, " runs a different job (hash ", job_hash,
+        ", coordinator has ", job_hash_, "): check the job file and overrides"));
+  }
+  servers_[shard] = {true, address, absl::Now()};
+  return absl::OkStatus();
+}
 
 absl::StatusOr<int64_t> Coordinator::Register(int worker, uint64_t job_hash) {
   absl::MutexLock lock(&mu_);
@@ -59,8 +79,17 @@ tessera::v1::JobStatusResponse Coordinator::Status() const {
   tessera::v1::JobStatusResponse out;
   out.set_job_name(job_name_);
   out.set_job_hash(job_hash_);
+  out.set_num_shards(num_shards_);
+  out.set_num_workers(static_cast<int>(members_.size()));
   const absl::Time now = absl::Now();
   absl::MutexLock lock(&mu_);
+  for (int i = 0; i < static_cast<int>(servers_.size()); ++i) {
+    if (!servers_[i].registered) continue;
+    tessera::v1::ServerStatus* s = out.add_servers();
+    s->set_shard(i);
+    s->set_address(servers_[i].address);
+    s->set_registered_ms_ago(absl::ToInt64Milliseconds(now - servers_[i].since));
+  }
   for (int i = 0; i < static_cast<int>(members_.size()); ++i) {
     const Member& m = members_[i];
     if (!m.registered) continue;

@@ -5,6 +5,7 @@
 #define TESSERA_SERVER_COORDINATOR_H_
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -28,6 +29,10 @@ class Coordinator {
   // kFailedPrecondition when the worker's job file differs.
   absl::StatusOr<int64_t> Register(int worker, uint64_t job_hash);
 
+  // A server for `shard` is up at `address`. kInvalidArgument for a bad
+  // shard, kFailedPrecondition when its job file differs.
+  absl::Status RegisterServer(int shard, uint64_t job_hash, const std::string& address);
+
   // Records liveness and progress. kFailedPrecondition for an unknown or
   // replaced incarnation.
   absl::StatusOr<tessera::v1::HeartbeatResponse> Heartbeat(
@@ -45,12 +50,20 @@ class Coordinator {
     absl::Time last_seen;
   };
 
+  struct ServerEntry {
+    bool registered = false;
+    std::string address;
+    absl::Time since;
+  };
+
   // Constant after construction.
   const std::string job_name_;
   const uint64_t job_hash_;
+  const int num_shards_;
 
   mutable absl::Mutex mu_;
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
+  std::vector<ServerEntry> servers_ ABSL_GUARDED_BY(mu_);
   int64_t last_incarnation_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

@@ -120,6 +120,13 @@ grpc::Status ParameterServiceImpl::ShardStats(
   return grpc::Status::OK;
 }
 
+grpc::Status CoordinatorServiceImpl::RegisterServer(
+    grpc::ServerContext* context, const tessera::v1::RegisterServerRequest* request,
+    tessera::v1::RegisterServerResponse* response) {
+  return ToGrpcStatus(coordinator_->RegisterServer(request->shard(), request->job_hash(),
+                                                   request->address()));
+}
+
 grpc::Status CoordinatorServiceImpl::Register(
     grpc::ServerContext* context, const tessera::v1::RegisterRequest* request,
     tessera::v1::RegisterResponse* response) {

@@ -46,6 +46,9 @@ class CoordinatorServiceImpl final
   explicit CoordinatorServiceImpl(Coordinator* coordinator)
       : coordinator_(coordinator) {}
 
+  grpc::Status RegisterServer(grpc::ServerContext* context,
+                              const tessera::v1::RegisterServerRequest* request,
+                              tessera::v1::RegisterServerResponse* response) override;
   grpc::Status Register(grpc::ServerContext* context,
                         const tessera::v1::RegisterRequest* request,
                         tessera::v1::RegisterResponse* response) override;

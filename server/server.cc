@@ -8,6 +8,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/str_cat.h"
+#include "proto/tessera.grpc.pb.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
 
@@ -47,8 +48,65 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
         "cannot listen on ", options.listen_address,
         " (address in use or not available)"));
   }
-  s->server_->GetHealthCheckService()->SetServingStatus(true);
+  // gRPC's health service starts out SERVING; this server is not ready
+  // until it has joined the coordinator.
+  s->SetServing(false);
+  if (options.host_coordinator) {
+    absl::Status joined = s->coordinator_->RegisterServer(
+        options.shard, job_hash, options.advertised_address);
+    if (!joined.ok()) return joined;
+    s->SetServing(true);
+  } else if (options.coordinator_address.empty()) {
+    s->SetServing(true);
+  } else {
+    s->joiner_ = std::thread(&TesseraServer::JoinLoop, s.get(), options, job_hash);
+  }
   return s;
+}
+
+void TesseraServer::JoinLoop(ServerOptions options, uint64_t job_hash) {
+  auto channel = grpc::CreateChannel(options.coordinator_address,
+                                     grpc::InsecureChannelCredentials());
+  auto stub = tessera::v1::CoordinatorService::NewStub(channel);
+  tessera::v1::RegisterServerRequest request;
+  request.set_shard(options.shard);
+  request.set_job_hash(job_hash);
+  request.set_address(options.advertised_address);
+  absl::Duration backoff = absl::Milliseconds(50);
+  while (!stopping_.HasBeenNotified()) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    tessera::v1::RegisterServerResponse response;
+    const grpc::Status status = stub->RegisterServer(&ctx, request, &response);
+    if (status.ok()) {
+      SetServing(true);
+      return;
+    }
+    if (status.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
+        status.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      {
+        absl::MutexLock lock(&mu_);
+        failure_ = absl::FailedPreconditionError(absl::StrCat(
+            "coordinator ", options.coordinator_address, " refused shard ", options.shard,
+            ": ", status.error_message()));
+      }
+      Shutdown(absl::ZeroDuration());
+      return;
+    }
+    stopping_.WaitForNotificationWithTimeout(backoff);
+    backoff = std::min(backoff * 2, absl::Seconds(2));
+  }
+}
+
+void TesseraServer::SetServing(bool serving) {
+  absl::MutexLock lock(&mu_);
+  serving_ = serving;
+  server_->GetHealthCheckService()->SetServingStatus(serving);
+}
+
+bool TesseraServer::serving() const {
+  absl::MutexLock lock(&mu_);
+  return serving_;
 }
 
 TesseraServer::~TesseraServer() {
@@ -56,15 +114,28 @@ TesseraServer::~TesseraServer() {
     Shutdown(absl::ZeroDuration());
     server_->Wait();
   }
+  if (joiner_.joinable()) joiner_.join();
 }
 
 void TesseraServer::Shutdown(absl::Duration grace) {
-  server_->GetHealthCheckService()->SetServingStatus(false);
+  bool first = false;
+  {
+    absl::MutexLock lock(&mu_);
+    first = !shutdown_called_;
+    shutdown_called_ = true;
+  }
+  if (first) stopping_.Notify();
+  SetServing(false);
   store_->Shutdown();
   server_->Shutdown(std::chrono::system_clock::now() +
                     absl::ToChronoMilliseconds(grace));
 }
 
-void TesseraServer::Wait() { server_->Wait(); }
+absl::Status TesseraServer::Wait() {
+  server_->Wait();
+  if (joiner_.joinable()) joiner_.join();
+  absl::MutexLock lock(&mu_);
+  return failure_;
+}
 
 }  // namespace tessera

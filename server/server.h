@@ -6,10 +6,14 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 
 #include <grpcpp/server.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "proto/tessera.pb.h"
 #include "server/coordinator.h"
@@ -26,6 +30,11 @@ struct ServerOptions {
   tessera::v1::JobSpec job;
   // Whether this process hosts the coordinator (by default shard 0 does).
   bool host_coordinator = true;
+  // Coordinator to join (host:port) when this process does not host it.
+  // Empty: serve at once without joining.
+  std::string coordinator_address;
+  // How this server names itself to the coordinator (for status displays).
+  std::string advertised_address;
 };
 
 // A running server. Thread-safe.
@@ -45,11 +54,20 @@ class TesseraServer {
   // Stops taking new calls, wakes waiting pulls and waits up to `grace` for
   // in-flight calls before cancelling them.
   void Shutdown(absl::Duration grace);
-  // Blocks until the server has shut down.
-  void Wait();
+  // Blocks until the server has shut down. Returns why it stopped when that
+  // was an error (the coordinator refused this server), OK otherwise.
+  absl::Status Wait();
+
+  // Whether health checks answer SERVING: after joining the coordinator,
+  // until shutdown.
+  bool serving() const;
 
  private:
   TesseraServer() = default;
+  // Registers with the coordinator, retrying with backoff until it answers;
+  // a refusal (other job, bad shard) shuts the server down with an error.
+  void JoinLoop(ServerOptions options, uint64_t job_hash);
+  void SetServing(bool serving);
 
   std::unique_ptr<ShardStore> store_;
   std::unique_ptr<Coordinator> coordinator_;
@@ -57,6 +75,12 @@ class TesseraServer {
   std::unique_ptr<CoordinatorServiceImpl> coordinator_service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  std::thread joiner_;
+  absl::Notification stopping_;
+  mutable absl::Mutex mu_;
+  bool serving_ ABSL_GUARDED_BY(mu_) = false;
+  bool shutdown_called_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace tessera

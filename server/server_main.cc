@@ -2,6 +2,7 @@
 // hosts the coordinator).
 
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
@@ -11,17 +12,27 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/discovery.h"
 #include "common/flags.h"
 #include "common/job_spec.h"
 #include "server/server.h"
 
 ABSL_FLAG(int32_t, shard, 0, "Shard index of this server, in [0, job.num_shards).");
+ABSL_FLAG(bool, shard_from_hostname, false,
+          "Take the shard index from the trailing -N of the hostname (a "
+          "StatefulSet pod's ordinal) instead of --shard.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:7070",
           "host:port to listen on; port 0 picks a free port (see --port_file).");
 ABSL_FLAG(std::string, port_file, "",
           "If set, write the bound port to this file once serving.");
-ABSL_FLAG(bool, coordinator, true,
+ABSL_FLAG(bool, host_coordinator, true,
           "Host the coordinator when this is shard 0.");
+ABSL_FLAG(std::string, coordinator, "",
+          "host:port of the coordinator to join (shards other than 0). Until "
+          "it has joined, the server answers health checks with NOT_SERVING. "
+          "Empty: serve at once.");
+ABSL_FLAG(std::string, advertise, "",
+          "Address this server gives the coordinator (default: hostname:port).");
 ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
           "On SIGTERM/SIGINT, wait this long for in-flight calls.");
 
@@ -58,7 +69,14 @@ int main(int argc, char** argv) {
   absl::StatusOr<tessera::v1::JobSpec> job =
       tessera::LoadJob(job_path, tessera::JobOverridesFromFlags());
   if (!job.ok()) return Fail(std::string(job.status().message()));
-  const int shard = absl::GetFlag(FLAGS_shard);
+  int shard = absl::GetFlag(FLAGS_shard);
+  char hostname[256] = {0};
+  gethostname(hostname, sizeof(hostname) - 1);
+  if (absl::GetFlag(FLAGS_shard_from_hostname)) {
+    absl::StatusOr<int> ordinal = tessera::OrdinalFromHostname(hostname);
+    if (!ordinal.ok()) return Fail(absl::StrCat("--shard_from_hostname: ", ordinal.status().message()));
+    shard = *ordinal;
+  }
   if (shard < 0 || shard >= job->num_shards()) {
     return Fail(absl::StrCat("--shard=", shard, " is out of range: job.num_shards is ",
                              job->num_shards()));
@@ -76,7 +94,14 @@ int main(int argc, char** argv) {
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.shard = shard;
   options.job = *job;
-  options.host_coordinator = shard == 0 && absl::GetFlag(FLAGS_coordinator);
+  options.host_coordinator = shard == 0 && absl::GetFlag(FLAGS_host_coordinator);
+  if (!options.host_coordinator) options.coordinator_address = absl::GetFlag(FLAGS_coordinator);
+  options.advertised_address = absl::GetFlag(FLAGS_advertise);
+  if (options.advertised_address.empty()) {
+    const std::string& listen = options.listen_address;
+    options.advertised_address =
+        absl::StrCat(hostname, listen.substr(listen.rfind(':')));
+  }
   absl::StatusOr<std::unique_ptr<tessera::TesseraServer>> server =
       tessera::TesseraServer::Start(options);
   if (!server.ok()) return Fail(std::string(server.status().message()));
@@ -96,8 +121,13 @@ int main(int argc, char** argv) {
               << std::endl;
     (*server)->Shutdown(absl::Milliseconds(absl::GetFlag(FLAGS_shutdown_grace_ms)));
   });
-  (*server)->Wait();
+  const absl::Status stopped = (*server)->Wait();
+  if (!stopped.ok()) {
+    // The joiner shut the server down; wake the signal waiter ourselves.
+    kill(getpid(), SIGTERM);
+  }
   waiter.join();
+  if (!stopped.ok()) return Fail(std::string(stopped.message()));
   std::cerr << "tessera-server: shard " << shard << " stopped" << std::endl;
   return 0;
 }

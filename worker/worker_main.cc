@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
+#include "common/discovery.h"
 #include "common/flags.h"
 #include "common/grpc_status.h"
 #include "common/job_spec.h"
@@ -26,8 +28,15 @@
 #include "worker/trainer.h"
 
 ABSL_FLAG(int32_t, rank, 0, "Worker rank in [0, job.num_workers).");
+ABSL_FLAG(std::string, rank_from_env, "",
+          "Take the rank from this environment variable instead of --rank "
+          "(JOB_COMPLETION_INDEX in a Kubernetes Indexed Job).");
 ABSL_FLAG(std::string, servers, "",
-          "Comma-separated host:port of every server, in shard order.");
+          "Comma-separated host:port of every server, in shard order "
+          "(default: job.server_addresses, or --server_pattern).");
+ABSL_FLAG(std::string, server_pattern, "",
+          "Server addresses from a pattern, {i} = shard index, e.g. "
+          "tessera-server-{i}.tessera-server:7070.");
 ABSL_FLAG(std::string, coordinator, "",
           "host:port of the coordinator (default: the first of --servers).");
 ABSL_FLAG(std::string, device, "auto", "Gradient backend: cpu, cuda or auto.");
@@ -104,15 +113,29 @@ int main(int argc, char** argv) {
   absl::StatusOr<tessera::v1::JobSpec> job =
       tessera::LoadJob(job_path, tessera::JobOverridesFromFlags());
   if (!job.ok()) return Fail(std::string(job.status().message()));
-  const int rank = absl::GetFlag(FLAGS_rank);
+  int rank = absl::GetFlag(FLAGS_rank);
+  const std::string rank_env = absl::GetFlag(FLAGS_rank_from_env);
+  if (!rank_env.empty()) {
+    absl::StatusOr<int> r = tessera::IndexFromEnvValue(rank_env, getenv(rank_env.c_str()));
+    if (!r.ok()) return Fail(absl::StrCat("--rank_from_env: ", r.status().message()));
+    rank = *r;
+  }
   if (rank < 0 || rank >= job->num_workers()) {
     return Fail(absl::StrCat("--rank=", rank, " is out of range: job.num_workers is ",
                              job->num_workers()));
   }
   std::vector<std::string> servers =
       absl::StrSplit(absl::GetFlag(FLAGS_servers), ',', absl::SkipEmpty());
+  if (servers.empty() && !absl::GetFlag(FLAGS_server_pattern).empty()) {
+    absl::StatusOr<std::vector<std::string>> expanded =
+        tessera::ExpandServerPattern(absl::GetFlag(FLAGS_server_pattern), job->num_shards());
+    if (!expanded.ok()) return Fail(absl::StrCat("--server_pattern: ", expanded.status().message()));
+    servers = *expanded;
+  }
+  if (servers.empty()) servers.assign(job->server_addresses().begin(), job->server_addresses().end());
   if (static_cast<int>(servers.size()) != job->num_shards()) {
-    return Fail(absl::StrCat("--servers lists ", servers.size(),
+    return Fail(absl::StrCat("the server list (--servers, --server_pattern or "
+                             "job.server_addresses) has ", servers.size(),
                              " addresses but job.num_shards is ", job->num_shards()));
   }
   const uint64_t job_hash = tessera::JobHash(*job);
