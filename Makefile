@@ -11,9 +11,9 @@ CTEST_FLAGS ?=
 DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
 	libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
 	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev \
-	dataset-fashion-mnist python3 python3-numpy
+	dataset-fashion-mnist python3 python3-numpy iproute2 docker-compose
 
-.PHONY: all deps build test demo seed bench clean
+.PHONY: all deps build test validate-deploy demo seed bench clean
 
 all: build
 
@@ -40,6 +40,16 @@ test: build
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  label_args=""; else label_args="-LE gpu"; fi; \
 	cd $(BUILD_DIR) && ctest --output-on-failure $$label_args $(CTEST_FLAGS)
+	$(MAKE) --no-print-directory validate-deploy
+
+# Offline checks of deploy/ (Compose, Kustomize, schemas, Dockerfile lint,
+# flags). Needs node and kubectl, which Debian does not package; without
+# them the checks are reported as skipped, never as passed.
+validate-deploy: build
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && \
+	    command -v kubectl >/dev/null 2>&1; then \
+	  npm ci --no-audit --no-fund --loglevel=error && bash deploy/validate.sh $(BUILD_DIR)/bin; \
+	else echo "deploy validation SKIPPED: node, npm and kubectl are needed"; fi
 
 demo: build
 	$(BUILD_DIR)/bin/tessera local --job=examples/fashion_mnist_mlp.textproto \

@@ -49,6 +49,8 @@ constexpr char kUsage[] =
     "  tessera local --job=JOB.textproto [--servers=2] [--workers=2] [overrides]\n"
     "      Start servers and workers on 127.0.0.1, show worker 0's progress,\n"
     "      stop everything on exit, error or Ctrl-C.\n"
+    "  tessera checkpoint HOST:PORT[,HOST:PORT...]\n"
+    "      Ask each server for a checkpoint now (job.checkpoint.dir must be set).\n"
     "  tessera health HOST:PORT\n"
     "      Exit 0 when the server answers SERVING (joined and ready), 1 otherwise.\n"
     "  tessera status ADDR\n"
@@ -259,13 +261,41 @@ int RunLocal() {
     }
     if (result != 0) break;
   }
-  StopAll(workers, absl::Seconds(5));
-  StopAll(servers, absl::Seconds(10));
+  if (result != 0) {
+    // Stopping early: servers first, so that they write their final
+    // checkpoints with whole steps before the workers' streams drop.
+    StopAll(servers, absl::Seconds(10));
+    StopAll(workers, absl::Seconds(5));
+  } else {
+    StopAll(workers, absl::Seconds(5));
+    StopAll(servers, absl::Seconds(10));
+  }
   if (result != 0) {
     std::cerr << "tessera: " << failure << std::endl;
     return result;
   }
   return 0;
+}
+
+// Asks every listed server for a checkpoint and prints where each went.
+int RunCheckpoint(const std::string& addresses) {
+  int failures = 0;
+  for (absl::string_view address : absl::StrSplit(addresses, ',', absl::SkipEmpty())) {
+    auto channel = grpc::CreateChannel(std::string(address), grpc::InsecureChannelCredentials());
+    auto stub = tessera::v1::ParameterService::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    tessera::v1::CheckpointResponse response;
+    absl::Status s = tessera::FromGrpcStatus(
+        stub->Checkpoint(&ctx, tessera::v1::CheckpointRequest(), &response));
+    if (s.ok()) {
+      std::cout << address << ": step " << response.step() << " -> " << response.path() << "\n";
+    } else {
+      std::cout << address << ": " << s.ToString() << "\n";
+      ++failures;
+    }
+  }
+  return failures == 0 ? 0 : 1;
 }
 
 // Exit 0 only when the server at `address` answers SERVING.
@@ -323,6 +353,10 @@ int main(int argc, char** argv) {
   if (command == "local") {
     if (args.size() != 2) return Fail("local takes no positional arguments");
     return RunLocal();
+  }
+  if (command == "checkpoint") {
+    if (args.size() != 3) return Fail("usage: tessera checkpoint HOST:PORT[,HOST:PORT...]");
+    return RunCheckpoint(args[2]);
   }
   if (command == "health") {
     if (args.size() != 3) return Fail("usage: tessera health HOST:PORT");

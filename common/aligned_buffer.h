@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <vector>
 
 #include "absl/types/span.h"
 
@@ -38,6 +39,33 @@ class AlignedBuffer {
   std::unique_ptr<float[], Free> data_;
   size_t size_ = 0;
 };
+
+// A std::allocator that returns 64-byte-aligned storage. Eigen's vectorised
+// reductions peel unaligned leading elements off in scalar code, so the
+// rounding of a sum depends on where the data starts; buffers that feed
+// them are kept on one alignment so that results are bit-for-bit
+// repeatable from run to run.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}  // NOLINT: allocator rebind
+  T* allocate(size_t n) {
+    const size_t bytes = (n * sizeof(T) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes == 0 ? 64 : bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+
+template <typename T>
+using AlignedVector = std::vector<T, AlignedAllocator<T>>;
 
 }  // namespace tessera
 

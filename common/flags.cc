@@ -29,6 +29,10 @@ ABSL_FLAG(std::optional<double>, learning_rate, std::nullopt,
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "Override job.seed.");
 ABSL_FLAG(std::optional<int64_t>, max_steps, std::nullopt,
           "Override job.max_steps (stop after this many steps).");
+ABSL_FLAG(std::optional<std::string>, checkpoint_dir, std::nullopt,
+          "Override job.checkpoint.dir (servers write and resume checkpoints there).");
+ABSL_FLAG(std::optional<int64_t>, checkpoint_every_steps, std::nullopt,
+          "Override job.checkpoint.every_steps.");
 
 namespace tessera {
 namespace {
@@ -82,6 +86,8 @@ JobOverrides JobOverridesFromFlags() {
   o.learning_rate = absl::GetFlag(FLAGS_learning_rate);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.max_steps = absl::GetFlag(FLAGS_max_steps);
+  o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   return o;
 }
 
@@ -96,6 +102,8 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_learning_rate, "learning_rate", &out);
   Forward(FLAGS_seed, "seed", &out);
   Forward(FLAGS_max_steps, "max_steps", &out);
+  Forward(FLAGS_checkpoint_dir, "checkpoint_dir", &out);
+  Forward(FLAGS_checkpoint_every_steps, "checkpoint_every_steps", &out);
   return out;
 }
 

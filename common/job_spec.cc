@@ -129,6 +129,10 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
   if (o.learning_rate) job->mutable_optimizer()->set_learning_rate(*o.learning_rate);
   if (o.seed) job->set_seed(*o.seed);
   if (o.max_steps) job->set_max_steps(*o.max_steps);
+  if (o.checkpoint_dir) job->mutable_checkpoint()->set_dir(*o.checkpoint_dir);
+  if (o.checkpoint_every_steps) {
+    job->mutable_checkpoint()->set_every_steps(*o.checkpoint_every_steps);
+  }
   if (o.mode) {
     std::string m = absl::AsciiStrToLower(*o.mode);
     tessera::v1::ConsistencyMode mode;
@@ -176,6 +180,12 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   }
   if (job->max_steps() < 0) {
     return FieldError("max_steps", "must not be negative");
+  }
+  if (job->checkpoint().every_steps() < 0) {
+    return FieldError("checkpoint.every_steps", "must not be negative");
+  }
+  if (job->checkpoint().keep() < 0) {
+    return FieldError("checkpoint.keep", "must not be negative");
   }
   if (job->block_bytes() == 0) job->set_block_bytes(kDefaultBlockBytes);
   if (job->block_bytes() < 4 || job->block_bytes() > (64 << 20)) {

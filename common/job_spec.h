@@ -25,6 +25,8 @@ struct JobOverrides {
   std::optional<double> learning_rate;
   std::optional<uint64_t> seed;
   std::optional<int64_t> max_steps;
+  std::optional<std::string> checkpoint_dir;
+  std::optional<int64_t> checkpoint_every_steps;
 };
 
 // Parses text-format `text`; `source` names it in errors ("job.textproto:3:5:

@@ -48,6 +48,9 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Spawn(
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
   if (pid == 0) {
+    // Own process group: a terminal's Ctrl-C reaches only the parent, which
+    // stops its children in the order it chooses.
+    setpgid(0, 0);
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(127);  // the parent died before prctl
     sigprocmask(SIG_SETMASK, &empty, nullptr);

@@ -22,8 +22,9 @@ struct SpawnOptions {
   std::string stderr_path;
 };
 
-// A running (or finished) child process. The child gets SIGTERM if this
-// process dies first, and the destructor kills (SIGKILL) and reaps a child
+// A running (or finished) child process, in a process group of its own (so
+// a terminal's Ctrl-C reaches only the parent). The child gets SIGTERM if
+// this process dies first, and the destructor kills (SIGKILL) and reaps a child
 // still running, so no child outlives its owner. Not thread-safe.
 class Subprocess {
  public:

@@ -18,9 +18,23 @@ void SetError(const absl::Status& status, ServerMessage* reply) {
 
 }  // namespace
 
-ParameterServiceImpl::ParameterServiceImpl(ShardStore* store, uint64_t job_hash,
-                                           absl::Duration pull_timeout)
-    : store_(store), job_hash_(job_hash), pull_timeout_(pull_timeout) {}
+ParameterServiceImpl::ParameterServiceImpl(
+    ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
+    std::function<absl::StatusOr<CheckpointResult>()> checkpoint)
+    : store_(store),
+      job_hash_(job_hash),
+      pull_timeout_(pull_timeout),
+      checkpoint_(std::move(checkpoint)) {}
+
+grpc::Status ParameterServiceImpl::Checkpoint(grpc::ServerContext* context,
+                                              const tessera::v1::CheckpointRequest* request,
+                                              tessera::v1::CheckpointResponse* response) {
+  absl::StatusOr<CheckpointResult> r = checkpoint_();
+  if (!r.ok()) return ToGrpcStatus(r.status());
+  response->set_step(r->step);
+  response->set_path(r->path);
+  return grpc::Status::OK;
+}
 
 grpc::Status ParameterServiceImpl::Session(
     grpc::ServerContext* context,

@@ -8,6 +8,9 @@
 
 #include "absl/time/time.h"
 #include "proto/tessera.grpc.pb.h"
+#include <functional>
+
+#include "server/checkpointer.h"
 #include "server/coordinator.h"
 #include "server/shard_store.h"
 
@@ -20,8 +23,9 @@ namespace tessera {
 class ParameterServiceImpl final
     : public tessera::v1::ParameterService::Service {
  public:
-  ParameterServiceImpl(ShardStore* store, uint64_t job_hash,
-                       absl::Duration pull_timeout);
+  // `checkpoint` serves the Checkpoint rpc (writes one and says where).
+  ParameterServiceImpl(ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
+                       std::function<absl::StatusOr<CheckpointResult>()> checkpoint);
 
   grpc::Status Session(
       grpc::ServerContext* context,
@@ -32,11 +36,16 @@ class ParameterServiceImpl final
                           const tessera::v1::ShardStatsRequest* request,
                           tessera::v1::ShardStatsResponse* response) override;
 
+  grpc::Status Checkpoint(grpc::ServerContext* context,
+                          const tessera::v1::CheckpointRequest* request,
+                          tessera::v1::CheckpointResponse* response) override;
+
  private:
   // Constant after construction.
   ShardStore* const store_;
   const uint64_t job_hash_;
   const absl::Duration pull_timeout_;
+  const std::function<absl::StatusOr<CheckpointResult>()> checkpoint_;
 };
 
 // Serves the CoordinatorService. Thread-safe; does not own `coordinator`.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <iostream>
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
@@ -19,9 +20,44 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   std::unique_ptr<TesseraServer> s(new TesseraServer());
   TESSERA_ASSIGN_OR_RETURN(s->store_, ShardStore::Create(options.job, options.shard));
   const uint64_t job_hash = JobHash(options.job);
+  const tessera::v1::JobSpec& job = options.job;
+  s->checkpoint_timeout_ = absl::Milliseconds(job.consistency().barrier_timeout_ms());
+  if (!job.checkpoint().dir().empty()) {
+    TESSERA_ASSIGN_OR_RETURN(
+        ModelSpec model,
+        ParseModelSpec(job.model(), job.loss() == tessera::v1::SOFTMAX_CROSS_ENTROPY
+                                        ? LossKind::kSoftmaxCrossEntropy
+                                        : LossKind::kMeanSquaredError));
+    CheckpointInfo info;
+    info.job_name = job.name();
+    info.model = job.model();
+    info.optimizer_type = tessera::v1::OptimizerType_Name(job.optimizer().type());
+    info.shard = options.shard;
+    info.num_shards = job.num_shards();
+    std::vector<std::string> skipped;
+    absl::StatusOr<std::optional<RestoredModel>> restored = LoadLatestCheckpoint(
+        job.checkpoint().dir(), info, model, s->store_->num_slots(), &skipped);
+    for (const std::string& why : skipped) {
+      std::cerr << "tessera-server: shard " << options.shard << " skipped checkpoint " << why
+                << std::endl;
+    }
+    if (!restored.ok()) return Annotate(restored.status(), "job.checkpoint.dir");
+    if (restored->has_value()) {
+      s->store_->Restore(**restored);
+      std::cerr << "tessera-server: shard " << options.shard << " resumed from "
+                << (*restored)->path << " (step " << (*restored)->step << ")" << std::endl;
+    }
+    s->checkpointer_ = std::make_unique<Checkpointer>(
+        job.checkpoint().dir(), info, model,
+        job.checkpoint().keep() > 0 ? job.checkpoint().keep() : 3);
+    Checkpointer* cp = s->checkpointer_.get();
+    s->store_->SetCheckpointHook(job.checkpoint().every_steps(),
+                                 [cp](ShardState state) { cp->Submit(std::move(state)); });
+  }
+  TesseraServer* self = s.get();
   s->parameter_service_ = std::make_unique<ParameterServiceImpl>(
-      s->store_.get(), job_hash,
-      absl::Milliseconds(options.job.consistency().barrier_timeout_ms()));
+      s->store_.get(), job_hash, absl::Milliseconds(job.consistency().barrier_timeout_ms()),
+      [self] { return self->CheckpointNow(); });
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -131,9 +167,32 @@ void TesseraServer::Shutdown(absl::Duration grace) {
                     absl::ToChronoMilliseconds(grace));
 }
 
+absl::StatusOr<CheckpointResult> TesseraServer::CheckpointNow() {
+  if (checkpointer_ == nullptr) {
+    return absl::FailedPreconditionError("checkpoints are off: job.checkpoint.dir is not set");
+  }
+  const int64_t generation = checkpointer_->last().generation;
+  store_->RequestCheckpoint();
+  TESSERA_ASSIGN_OR_RETURN(CheckpointResult r,
+                           checkpointer_->WaitAfter(generation, checkpoint_timeout_));
+  if (!r.status.ok()) return r.status;
+  return r;
+}
+
 absl::Status TesseraServer::Wait() {
   server_->Wait();
   if (joiner_.joinable()) joiner_.join();
+  if (checkpointer_ != nullptr && !final_checkpoint_written_) {
+    // No handler runs any more: the state is final. Skip the write when the
+    // newest checkpoint already holds it.
+    final_checkpoint_written_ = true;
+    const ShardState state = store_->Snapshot();
+    const CheckpointResult last = checkpointer_->last();
+    if (last.generation == 0 || !last.status.ok() || last.step != state.step) {
+      const CheckpointResult r = checkpointer_->WriteNow(state);
+      if (!r.status.ok()) return Annotate(r.status, "final checkpoint");
+    }
+  }
   absl::MutexLock lock(&mu_);
   return failure_;
 }

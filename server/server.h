@@ -16,6 +16,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "proto/tessera.pb.h"
+#include "server/checkpointer.h"
 #include "server/coordinator.h"
 #include "server/parameter_service.h"
 #include "server/shard_store.h"
@@ -69,7 +70,11 @@ class TesseraServer {
   void JoinLoop(ServerOptions options, uint64_t job_hash);
   void SetServing(bool serving);
 
+  absl::StatusOr<CheckpointResult> CheckpointNow();
+
   std::unique_ptr<ShardStore> store_;
+  std::unique_ptr<Checkpointer> checkpointer_;
+  absl::Duration checkpoint_timeout_;
   std::unique_ptr<Coordinator> coordinator_;
   std::unique_ptr<ParameterServiceImpl> parameter_service_;
   std::unique_ptr<CoordinatorServiceImpl> coordinator_service_;
@@ -80,6 +85,8 @@ class TesseraServer {
   mutable absl::Mutex mu_;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_called_ ABSL_GUARDED_BY(mu_) = false;
+  // Touched only by the thread that calls Wait().
+  bool final_checkpoint_written_ = false;
   absl::Status failure_ ABSL_GUARDED_BY(mu_);
 };
 

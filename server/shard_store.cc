@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "Eigen/Core"
 #include "absl/strings/str_cat.h"
@@ -153,17 +154,16 @@ void ShardStore::Disconnect(int worker, int64_t incarnation) {
     WorkerState& w = workers_[worker];
     if (w.incarnation != incarnation) return;  // a newer stream took over
     w.live = false;
-    if (mode_ == tessera::v1::SYNC && StepCompleteLocked()) {
+    // Streams also end because this server is stopping; then no step may
+    // complete short-handed: the final checkpoint holds whole steps only.
+    if (mode_ == tessera::v1::SYNC && !shutdown_ && StepCompleteLocked()) {
       apply = true;
       applying_ = true;
       contributors = static_cast<int>(contributed_.size());
       step = step_;
     }
   }
-  if (apply) {
-    ApplyStep(contributors, step);
-    FinishStep();
-  }
+  if (apply) CompleteStep(contributors, step);
 }
 
 bool ShardStore::StepCompleteLocked() const {
@@ -187,6 +187,9 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
   const int64_t step = request.step();
   {
     absl::MutexLock lock(&mu_);
+    if (shutdown_) {
+      return absl::UnavailableError(absl::StrCat("shard ", shard_, " is shutting down"));
+    }
     if (worker < 0 || worker >= static_cast<int>(workers_.size())) {
       ++counters_.requests_rejected;
       return absl::InvalidArgumentError(absl::StrCat(
@@ -228,11 +231,20 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
 
   if (mode_ != tessera::v1::SYNC) {
     ApplyDirect(request);
-    absl::MutexLock lock(&mu_);
-    ++counters_.pushes_applied;
-    ++version_;
-    WorkerState& w = workers_[worker];
-    w.clock = std::max(w.clock, step + 1);
+    bool checkpoint = false;
+    int64_t version;
+    {
+      absl::MutexLock lock(&mu_);
+      ++counters_.pushes_applied;
+      version = ++version_;
+      WorkerState& w = workers_[worker];
+      w.clock = std::max(w.clock, step + 1);
+      checkpoint = checkpoint_hook_ && (checkpoint_pending_ ||
+                                        (checkpoint_every_ > 0 && version % checkpoint_every_ == 0));
+      checkpoint_pending_ = false;
+    }
+    // Asynchronous checkpoints are per-block consistent, as async training is.
+    if (checkpoint) checkpoint_hook_(CopyBlocks(version, version));
     return PushOutcome{true, ""};
   }
 
@@ -254,10 +266,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
       contributors = static_cast<int>(contributed_.size());
     }
   }
-  if (apply) {
-    ApplyStep(contributors, step);
-    FinishStep();
-  }
+  if (apply) CompleteStep(contributors, step);
   return PushOutcome{true, ""};
 }
 
@@ -279,12 +288,93 @@ void ShardStore::ApplyStep(int contributors, int64_t step) {
   }
 }
 
-void ShardStore::FinishStep() {
+void ShardStore::CompleteStep(int contributors, int64_t step) {
+  ApplyStep(contributors, step);
+  bool checkpoint;
+  {
+    absl::MutexLock lock(&mu_);
+    checkpoint = checkpoint_hook_ && (checkpoint_pending_ || (checkpoint_every_ > 0 &&
+                                                              (step + 1) % checkpoint_every_ == 0));
+    checkpoint_pending_ = false;
+  }
+  // While applying_ is set no pull for the next step is answered, so no
+  // push for it can arrive: the copy holds exactly step + 1 updates.
+  std::optional<ShardState> snapshot;
+  if (checkpoint) snapshot = CopyBlocks(step + 1, step + 1);
+  {
+    absl::MutexLock lock(&mu_);
+    ++step_;
+    ++version_;
+    contributed_.clear();
+    applying_ = false;
+  }
+  if (snapshot) checkpoint_hook_(*std::move(snapshot));
+}
+
+ShardState ShardStore::CopyBlocks(int64_t step, int64_t version) {
+  ShardState state;
+  state.step = step;
+  state.version = version;
+  for (Block* b : owned_) {
+    absl::MutexLock lock(&b->mu);
+    BlockState bs;
+    bs.info = b->info;
+    bs.params.assign(b->params.data(), b->params.data() + b->params.size());
+    for (const AlignedBuffer& slot : b->slots) {
+      bs.slots.emplace_back(slot.data(), slot.data() + slot.size());
+    }
+    bs.updates = b->updates;
+    state.blocks.push_back(std::move(bs));
+  }
+  return state;
+}
+
+ShardState ShardStore::Snapshot() {
   absl::MutexLock lock(&mu_);
-  ++step_;
-  ++version_;
-  contributed_.clear();
-  applying_ = false;
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !applying_ && accumulating_ == 0;
+  };
+  mu_.Await(absl::Condition(&idle));
+  // Holding mu_ keeps any new step from starting; block locks nest inside
+  // mu_ here and nowhere the other way round.
+  return CopyBlocks(mode_ == tessera::v1::SYNC ? step_ : version_, version_);
+}
+
+void ShardStore::Restore(const RestoredModel& model) {
+  for (Block* b : owned_) {
+    absl::MutexLock lock(&b->mu);
+    const int64_t at = b->info.flat_offset, n = b->info.num_elements;
+    std::copy(model.params.begin() + at, model.params.begin() + at + n, b->params.data());
+    for (size_t k = 0; k < b->slots.size(); ++k) {
+      std::copy(model.slots[k].begin() + at, model.slots[k].begin() + at + n, b->slots[k].data());
+    }
+    b->updates = *std::max_element(model.updates.begin() + at, model.updates.begin() + at + n);
+  }
+  absl::MutexLock lock(&mu_);
+  step_ = mode_ == tessera::v1::SYNC ? model.step : 0;
+  version_ = model.version;
+}
+
+void ShardStore::SetCheckpointHook(int64_t every_steps, std::function<void(ShardState)> hook) {
+  checkpoint_every_ = every_steps;
+  checkpoint_hook_ = std::move(hook);
+}
+
+void ShardStore::RequestCheckpoint() {
+  bool now = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!checkpoint_hook_) return;
+    bool in_flight = false;
+    for (const WorkerState& w : workers_) in_flight |= w.live;
+    in_flight &= mode_ == tessera::v1::SYNC && (!contributed_.empty() || applying_);
+    if (in_flight) {
+      checkpoint_pending_ = true;
+    } else {
+      now = true;
+    }
+  }
+  if (now) checkpoint_hook_(Snapshot());
 }
 
 void ShardStore::ApplyDirect(const PushRequest& request) {

@@ -7,6 +7,7 @@
 #define TESSERA_SERVER_SHARD_STORE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "common/model_spec.h"
 #include "common/partition.h"
 #include "proto/tessera.pb.h"
+#include "server/checkpoint.h"
 #include "server/optimizer.h"
 
 namespace tessera {
@@ -82,10 +84,29 @@ class ShardStore {
   // Wakes every waiting Pull with kUnavailable; later pulls fail at once.
   void Shutdown();
 
+  // Copies every block's state; SYNC waits until no step is being applied,
+  // so the copy holds whole steps only.
+  ShardState Snapshot();
+
+  // Replaces this shard's numbers with a checkpoint's. Call before serving.
+  void Restore(const RestoredModel& model);
+
+  // Checkpoint hook: called with a snapshot taken on the applying thread
+  // (no update can slip in between) whenever the step (SYNC) or version
+  // (ASYNC/SSP) reaches a multiple of `every_steps` (0: never), and after
+  // RequestCheckpoint(). Runs outside every lock; must not block for long.
+  // Set before serving.
+  void SetCheckpointHook(int64_t every_steps, std::function<void(ShardState)> hook);
+
+  // Asks for a checkpoint: SYNC with a step in flight takes it when that
+  // step completes; otherwise it is taken now, on this thread.
+  void RequestCheckpoint();
+
   StoreStats stats() const;
   // Sum of every parameter, in double precision (a checksum for tests).
   double ParamSum() const;
   int shard() const { return shard_; }
+  int num_slots() const { return optimizer_->num_slots(); }
   const Partition& partition() const { return partition_; }
 
  private:
@@ -114,8 +135,12 @@ class ShardStore {
   // SYNC: true when every live worker has contributed to the open step and
   // no accumulation is still running; the caller must then run ApplyStep.
   bool StepCompleteLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Applies the step and bumps the step counter; the applying thread calls
+  // it once StepCompleteLocked() said so (with applying_ set).
+  void CompleteStep(int contributors, int64_t step) ABSL_LOCKS_EXCLUDED(mu_);
   void ApplyStep(int contributors, int64_t step) ABSL_LOCKS_EXCLUDED(mu_);
-  void FinishStep() ABSL_LOCKS_EXCLUDED(mu_);
+  // Copies the blocks; the caller guarantees no apply runs meanwhile.
+  ShardState CopyBlocks(int64_t step, int64_t version);
   void ApplyDirect(const tessera::v1::PushRequest& request);
   bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t SlowestClockLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -138,6 +163,10 @@ class ShardStore {
   int accumulating_ ABSL_GUARDED_BY(mu_) = 0;
   bool applying_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  bool checkpoint_pending_ ABSL_GUARDED_BY(mu_) = false;
+  // Set before serving, then constant.
+  int64_t checkpoint_every_ = 0;
+  std::function<void(ShardState)> checkpoint_hook_;
   StoreStats counters_ ABSL_GUARDED_BY(mu_);
 };
 

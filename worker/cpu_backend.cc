@@ -8,6 +8,7 @@
 #include <Eigen/Core>
 
 #include "absl/status/status.h"
+#include "common/aligned_buffer.h"
 #include "absl/strings/str_cat.h"
 
 namespace tessera {
@@ -212,9 +213,9 @@ class CpuBackend final : public GradientBackend {
   const LossKind loss_;
   const int64_t total_params_;
   const int64_t max_batch_;
-  std::vector<std::vector<float>> activations_;  // per layer, max_batch x out
-  std::vector<float> delta_;
-  std::vector<float> delta_prev_;
+  std::vector<AlignedVector<float>> activations_;  // per layer, max_batch x out
+  AlignedVector<float> delta_;
+  AlignedVector<float> delta_prev_;
 };
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/aligned_buffer.h"
 #include "worker/gradient_backend.h"
 
 namespace tessera {
@@ -86,9 +87,10 @@ class BatchBuffer {
   static Batch View(const Dataset& data, int64_t begin, int64_t count);
 
  private:
-  std::vector<float> features_;
+  // Aligned so that the gradient math rounds the same way in every run.
+  AlignedVector<float> features_;
   std::vector<int32_t> labels_;
-  std::vector<float> targets_;
+  AlignedVector<float> targets_;
 };
 
 }  // namespace tessera

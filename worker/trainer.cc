@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/aligned_buffer.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
 
@@ -107,8 +108,9 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
 
   TrainSummary summary;
   summary.classification = model.loss == LossKind::kSoftmaxCrossEntropy;
-  std::vector<float> params(model.total_params());
-  std::vector<float> grads(model.total_params());
+  // Aligned: see AlignedAllocator on repeatable rounding.
+  AlignedVector<float> params(model.total_params());
+  AlignedVector<float> grads(model.total_params());
   absl::StatusOr<int64_t> initial = client->Pull(0, absl::MakeSpan(params));
   if (!initial.ok()) return Annotate(initial.status(), "initial pull");
   const int64_t version = *initial;
@@ -186,7 +188,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     summary.test_loss = summary.epochs.back().val_loss;
     summary.test_accuracy = summary.epochs.back().val_accuracy;
   }
-  summary.final_params = std::move(params);
+  summary.final_params.assign(params.begin(), params.end());
   return summary;
 }
 

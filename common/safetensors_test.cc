@@ -1,0 +1,90 @@
+#include "common/safetensors.h"
+
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+
+#include "gtest/gtest.h"
+
+namespace tessera {
+namespace {
+
+std::string TempPath(const std::string& name) { return ::testing::TempDir() + "/" + name; }
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void WriteAll(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out << bytes;
+}
+
+TEST(SafetensorsTest, RoundTripKeepsEveryBitAndTheMetadata) {
+  const std::vector<float> a = {1.0f, -0.0f, 3.5e-39f, -1e30f, 0.25f, 7.0f};
+  const std::vector<float> b = {42.0f};
+  const std::string path = TempPath("roundtrip.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, {{"w@0", {2, 3}, a}, {"b \"quoted\"", {1}, b}},
+                                   {{"step", "12"}, {"note", "line\nbreak"}})
+                  .ok());
+  EXPECT_NE(access((path + ".tmp").c_str(), F_OK), 0) << "temporary file left behind";
+  auto file = ReadSafetensorsFile(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(file->metadata.at("step"), "12");
+  EXPECT_EQ(file->metadata.at("note"), "line\nbreak");
+  ASSERT_EQ(file->tensors.size(), 2u);
+  EXPECT_EQ(file->tensors.at("w@0").shape, (std::vector<int64_t>{2, 3}));
+  ASSERT_EQ(file->tensors.at("w@0").data.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(std::signbit(file->tensors.at("w@0").data[i]), std::signbit(a[i]));
+    EXPECT_EQ(file->tensors.at("w@0").data[i], a[i]);
+  }
+  EXPECT_EQ(file->tensors.at("b \"quoted\"").data, b);
+  // The layout is the published one: 8-byte length, JSON, data; the data
+  // section starts 8-byte aligned.
+  const std::string bytes = ReadAll(path);
+  uint64_t header_len;
+  std::memcpy(&header_len, bytes.data(), 8);
+  EXPECT_EQ(header_len % 8, 0u);
+  EXPECT_EQ(bytes[8], '{');
+  EXPECT_EQ(bytes.size(), 8 + header_len + (a.size() + b.size()) * 4);
+}
+
+TEST(SafetensorsTest, CorruptionIsDetected) {
+  const std::vector<float> a(100, 1.5f);
+  const std::string path = TempPath("corrupt.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, {{"t", {100}, a}}, {}).ok());
+  const std::string good = ReadAll(path);
+
+  std::string flipped = good;
+  flipped[flipped.size() - 7] ^= 0x40;  // one bit in the data section
+  WriteAll(path, flipped);
+  auto r = ReadSafetensorsFile(path);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(r.status().message().find("checksum"), std::string::npos) << r.status();
+  EXPECT_NE(r.status().message().find(path), std::string::npos);
+
+  WriteAll(path, good.substr(0, good.size() - 10));  // truncated
+  EXPECT_EQ(ReadSafetensorsFile(path).status().code(), absl::StatusCode::kDataLoss);
+  WriteAll(path, good.substr(0, 5));
+  EXPECT_EQ(ReadSafetensorsFile(path).status().code(), absl::StatusCode::kDataLoss);
+  std::string bad_header = good;
+  bad_header[8] = '[';
+  WriteAll(path, bad_header);
+  EXPECT_EQ(ReadSafetensorsFile(path).status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(ReadSafetensorsFile(TempPath("missing.safetensors")).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(SafetensorsTest, ShapeMismatchIsRefusedAndNothingIsWritten) {
+  const std::vector<float> a(5, 1.0f);
+  const std::string path = TempPath("shape.safetensors");
+  auto s = WriteSafetensorsFile(path, {{"t", {2, 3}, a}}, {});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(access(path.c_str(), F_OK), 0);
+}
+
+}  // namespace
+}  // namespace tessera
