@@ -16,8 +16,12 @@ namespace tessera {
 // `device` is "cpu", "cuda" or "auto" (CUDA when built with it and a GPU is
 // present, else CPU). kInvalidArgument for another name; kFailedPrecondition
 // for "cuda" when no usable GPU or no CUDA support is built in.
+// `gemm_precision` ("fp32", "tf32" or "bf16") sets the arithmetic of the CUDA
+// backend's matrix products; it is validated for every device and has no
+// effect on the CPU backend, which always uses fp32.
 absl::StatusOr<std::unique_ptr<GradientBackend>> CreateBackend(
-    const std::string& device, const ModelSpec& model, int64_t max_batch);
+    const std::string& device, const ModelSpec& model, int64_t max_batch,
+    const std::string& gemm_precision = "fp32");
 
 }  // namespace tessera
 

@@ -40,6 +40,9 @@ ABSL_FLAG(std::string, server_pattern, "",
 ABSL_FLAG(std::string, coordinator, "",
           "host:port of the coordinator (default: the first of --servers).");
 ABSL_FLAG(std::string, device, "auto", "Gradient backend: cpu, cuda or auto.");
+ABSL_FLAG(std::string, gemm_precision, "fp32",
+          "Matrix-product precision on CUDA: fp32, tf32 or bf16 (the CPU "
+          "backend always uses fp32).");
 ABSL_FLAG(std::string, summary_json, "",
           "Write the final figures as JSON to this file.");
 ABSL_FLAG(std::string, dump_params, "",
@@ -150,7 +153,8 @@ int main(int argc, char** argv) {
   if (!data.ok()) return Fail(std::string(data.status().message()));
   absl::StatusOr<std::unique_ptr<tessera::GradientBackend>> backend =
       tessera::CreateBackend(absl::GetFlag(FLAGS_device), *model,
-                             std::max<int64_t>(job->batch_size(), 512));
+                             std::max<int64_t>(job->batch_size(), 512),
+                             absl::GetFlag(FLAGS_gemm_precision));
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
 
   // Register with the coordinator for an incarnation.
