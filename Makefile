@@ -10,8 +10,8 @@ CTEST_FLAGS ?=
 
 DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
 	libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
-	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev \
-	dataset-fashion-mnist python3 python3-numpy iproute2 docker-compose
+	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev prometheus-cpp-dev libcpp-httplib-dev prometheus \
+	dataset-fashion-mnist python3 python3-numpy python3-protobuf iproute2 docker-compose
 
 .PHONY: all deps build test validate-deploy demo seed bench clean
 
@@ -35,8 +35,12 @@ $(BUILD_DIR)/build.ninja:
 build: deps $(BUILD_DIR)/build.ninja
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
-# GPU tests are labelled `gpu` and excluded where no GPU is visible.
+# GPU tests are labelled `gpu` and excluded where no GPU is visible. The
+# npm packages (Mermaid's parser for diagram_test) are installed first
+# where node and npm exist.
 test: build
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+	  npm ci --no-audit --no-fund --loglevel=error; fi
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  label_args=""; else label_args="-LE gpu"; fi; \
 	cd $(BUILD_DIR) && ctest --output-on-failure $$label_args $(CTEST_FLAGS)

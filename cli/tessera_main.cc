@@ -1,5 +1,6 @@
 // tessera: the command line for people. `tessera local` runs a whole job
-// on this machine; `tessera status` shows a running job.
+// on this machine; `tessera status` shows a running job; `tessera diagram`
+// draws it; `tessera eval` scores a checkpoint.
 
 #include <signal.h>
 #include <stdlib.h>
@@ -8,6 +9,7 @@
 #include <chrono>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,6 +26,8 @@
 #include "common/flags.h"
 #include "common/grpc_status.h"
 #include "common/job_spec.h"
+#include "cli/diagram.h"
+#include "cli/eval.h"
 #include "common/subprocess.h"
 #include "proto/health.grpc.pb.h"
 #include "proto/tessera.grpc.pb.h"
@@ -33,13 +37,21 @@ ABSL_FLAG(int32_t, workers, 2, "local: number of workers.");
 ABSL_FLAG(std::string, log_dir, "",
           "local: folder for the servers' and other workers' logs "
           "(default: a new folder under $TMPDIR or /tmp).");
-ABSL_FLAG(std::string, summary_json, "", "local: passed to worker 0.");
+ABSL_FLAG(std::string, summary_json, "",
+          "local: passed to worker 0; eval: write the figures as JSON to this file.");
+ABSL_FLAG(std::string, logdir, "",
+          "local: passed to worker 0, which writes TensorBoard event files there.");
+ABSL_FLAG(std::string, checkpoint, "",
+          "eval: checkpoint folder (default: job.checkpoint.dir); the newest "
+          "complete checkpoint in it is evaluated.");
 ABSL_FLAG(std::string, dump_params, "", "local: passed to worker 0.");
 ABSL_FLAG(std::string, device, "auto", "local: passed to every worker.");
 ABSL_FLAG(std::string, bin_dir, "",
           "local: folder holding tessera-server and tessera-worker "
           "(default: this program's folder).");
 ABSL_FLAG(int32_t, startup_timeout_s, 30, "local: seconds to wait for servers to listen.");
+ABSL_FLAG(bool, metrics, true,
+          "local: serve /metrics from every process on a free 127.0.0.1 port.");
 
 namespace {
 
@@ -54,7 +66,14 @@ constexpr char kUsage[] =
     "  tessera health HOST:PORT\n"
     "      Exit 0 when the server answers SERVING (joined and ready), 1 otherwise.\n"
     "  tessera status ADDR\n"
-    "      Show the job as the coordinator at ADDR (host:port of shard 0) sees it.\n";
+    "      Show the job as the coordinator at ADDR (host:port of shard 0) sees it.\n"
+    "  tessera diagram ADDR [--job=JOB.textproto] | --job=JOB.textproto\n"
+    "      Print the cluster and its training loop as a Mermaid flowchart: live\n"
+    "      from the coordinator at ADDR (--job adds the model and consistency\n"
+    "      mode), or as the job file plans it.\n"
+    "  tessera eval --checkpoint=DIR --job=JOB.textproto [--summary_json=FILE]\n"
+    "      Evaluate the newest complete checkpoint in DIR on the job's held-out\n"
+    "      data (CPU).\n";
 
 int Fail(const std::string& message) {
   std::cerr << "tessera: " << message << std::endl;
@@ -174,6 +193,10 @@ int RunLocal() {
     opt.argv = {absl::StrCat(bin_dir, "/tessera-server"), absl::StrCat("--shard=", s),
                 "--listen=127.0.0.1:0", absl::StrCat("--port_file=", port_file)};
     if (s > 0) opt.argv.push_back(absl::StrCat("--coordinator=", addresses[0]));
+    if (absl::GetFlag(FLAGS_metrics)) {
+      opt.argv.push_back("--metrics_listen=127.0.0.1:0");
+      opt.argv.push_back(absl::StrCat("--metrics_port_file=", log_dir, "/server-", s, ".metrics"));
+    }
     opt.argv.insert(opt.argv.end(), common.begin(), common.end());
     opt.stdout_path = opt.stderr_path = absl::StrCat(log_dir, "/server-", s, ".log");
     unlink(port_file.c_str());
@@ -196,7 +219,18 @@ int RunLocal() {
     }
   }
   std::cerr << "tessera: " << num_servers << " servers on " << absl::StrJoin(addresses, ",")
-            << ", " << num_workers << " workers; logs in " << log_dir << std::endl;
+            << ", " << num_workers << " workers; logs in " << log_dir;
+  if (absl::GetFlag(FLAGS_metrics)) {
+    std::vector<std::string> metrics;
+    for (int s = 0; s < num_servers; ++s) {
+      std::ifstream in(absl::StrCat(log_dir, "/server-", s, ".metrics"));
+      int port = 0;
+      if (in >> port) metrics.push_back(absl::StrCat("http://127.0.0.1:", port, "/metrics"));
+    }
+    std::cerr << "; server metrics at " << absl::StrJoin(metrics, " ")
+              << " (workers' ports in " << log_dir << "/worker-*.metrics)";
+  }
+  std::cerr << std::endl;
 
   std::vector<Child> workers;
   for (int r = 0; r < num_workers; ++r) {
@@ -204,6 +238,10 @@ int RunLocal() {
     opt.argv = {absl::StrCat(bin_dir, "/tessera-worker"), absl::StrCat("--rank=", r),
                 absl::StrCat("--servers=", absl::StrJoin(addresses, ",")),
                 absl::StrCat("--device=", absl::GetFlag(FLAGS_device))};
+    if (absl::GetFlag(FLAGS_metrics)) {
+      opt.argv.push_back("--metrics_listen=127.0.0.1:0");
+      opt.argv.push_back(absl::StrCat("--metrics_port_file=", log_dir, "/worker-", r, ".metrics"));
+    }
     opt.argv.insert(opt.argv.end(), common.begin(), common.end());
     std::string log;
     if (r == 0) {
@@ -212,6 +250,9 @@ int RunLocal() {
       }
       if (!absl::GetFlag(FLAGS_dump_params).empty()) {
         opt.argv.push_back(absl::StrCat("--dump_params=", absl::GetFlag(FLAGS_dump_params)));
+      }
+      if (!absl::GetFlag(FLAGS_logdir).empty()) {
+        opt.argv.push_back(absl::StrCat("--logdir=", absl::GetFlag(FLAGS_logdir)));
       }
     } else {
       log = absl::StrCat(log_dir, "/worker-", r, ".log");
@@ -341,6 +382,53 @@ int RunStatus(const std::string& address) {
   return 0;
 }
 
+// Prints the Mermaid flowchart of the job at `address` (live) or, with
+// `address` empty, of the job file.
+int RunDiagram(const std::string& address) {
+  const std::string job_path = tessera::JobFlag();
+  if (address.empty() && job_path.empty()) {
+    return Fail("usage: tessera diagram HOST:PORT [--job=FILE] | --job=FILE");
+  }
+  std::optional<tessera::v1::JobSpec> job;
+  if (!job_path.empty()) {
+    absl::StatusOr<tessera::v1::JobSpec> loaded =
+        tessera::LoadJob(job_path, tessera::JobOverridesFromFlags());
+    if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
+    job = *std::move(loaded);
+  }
+  absl::StatusOr<tessera::ClusterPicture> picture =
+      address.empty()
+          ? tessera::ClusterFromJob(*job, job_path)
+          : tessera::ClusterFromCoordinator(address, job ? &*job : nullptr, absl::Seconds(5));
+  if (!picture.ok()) return Fail(absl::StrCat("diagram: ", picture.status().message()));
+  std::cout << tessera::MermaidFlowchart(*picture);
+  return 0;
+}
+
+// Evaluates the newest complete checkpoint on the job's held-out data.
+int RunEval() {
+  const std::string job_path = tessera::JobFlag();
+  if (job_path.empty()) return Fail("eval: --job is required");
+  absl::StatusOr<tessera::v1::JobSpec> job =
+      tessera::LoadJob(job_path, tessera::JobOverridesFromFlags());
+  if (!job.ok()) return Fail(std::string(job.status().message()));
+  std::string dir = absl::GetFlag(FLAGS_checkpoint);
+  if (dir.empty()) dir = job->checkpoint().dir();
+  if (dir.empty()) return Fail("eval: --checkpoint is required (the job sets no checkpoint.dir)");
+  absl::StatusOr<tessera::CheckpointEvaluation> e = tessera::EvaluateCheckpoint(*job, dir);
+  if (!e.ok()) return Fail(absl::StrCat("eval: ", e.status().message()));
+  std::cout << tessera::FormatEvaluation(*e) << std::endl;
+  const std::string summary_path = absl::GetFlag(FLAGS_summary_json);
+  if (!summary_path.empty()) {
+    std::ofstream out(summary_path);
+    out << tessera::EvaluationJson(*e);
+    if (!out.good()) {
+      return Fail(absl::StrCat("eval: cannot write --summary_json '", summary_path, "'"));
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -365,6 +453,14 @@ int main(int argc, char** argv) {
   if (command == "status") {
     if (args.size() != 3) return Fail("usage: tessera status HOST:PORT");
     return RunStatus(args[2]);
+  }
+  if (command == "diagram") {
+    if (args.size() > 3) return Fail("usage: tessera diagram HOST:PORT [--job=FILE] | --job=FILE");
+    return RunDiagram(args.size() == 3 ? args[2] : "");
+  }
+  if (command == "eval") {
+    if (args.size() != 2) return Fail("usage: tessera eval --checkpoint=DIR --job=FILE");
+    return RunEval();
   }
   return Fail(absl::StrCat("unknown command '", command, "'; see tessera --help"));
 }

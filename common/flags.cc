@@ -1,6 +1,8 @@
 #include "common/flags.h"
 
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <optional>
 #include <string_view>
@@ -74,6 +76,16 @@ std::vector<char*> ParseFlagsOrExit(int argc, char** argv, const char* usage) {
 }
 
 std::string JobFlag() { return absl::GetFlag(FLAGS_job); }
+
+bool WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    out << port << "\n";
+    if (!out.good()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
 
 JobOverrides JobOverridesFromFlags() {
   JobOverrides o;

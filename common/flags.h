@@ -28,6 +28,11 @@ JobOverrides JobOverridesFromFlags();
 // child processes so that every process computes the same job.
 std::vector<std::string> ForwardedJobFlags();
 
+// Writes `port` and a newline to `path` through a temporary file and a
+// rename, so a process polling for the file never reads a partial one.
+// Returns false when the file cannot be written.
+bool WritePortFile(const std::string& path, int port);
+
 }  // namespace tessera
 
 #endif  // TESSERA_COMMON_FLAGS_H_

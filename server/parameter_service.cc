@@ -16,15 +16,22 @@ void SetError(const absl::Status& status, ServerMessage* reply) {
   reply->set_message(std::string(status.message()));
 }
 
+double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>& blocks) {
+  double bytes = 0;
+  for (const tessera::v1::TensorBlock& b : blocks) bytes += b.data().size();
+  return bytes;
+}
+
 }  // namespace
 
 ParameterServiceImpl::ParameterServiceImpl(
     ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
-    std::function<absl::StatusOr<CheckpointResult>()> checkpoint)
+    std::function<absl::StatusOr<CheckpointResult>()> checkpoint, ServiceMetrics* metrics)
     : store_(store),
       job_hash_(job_hash),
       pull_timeout_(pull_timeout),
-      checkpoint_(std::move(checkpoint)) {}
+      checkpoint_(std::move(checkpoint)),
+      metrics_(metrics) {}
 
 grpc::Status ParameterServiceImpl::Checkpoint(grpc::ServerContext* context,
                                               const tessera::v1::CheckpointRequest* request,
@@ -77,8 +84,15 @@ grpc::Status ParameterServiceImpl::Session(
     reply.clear_push();
     switch (request.kind_case()) {
       case ClientMessage::kPush: {
+        const absl::Time start = absl::Now();
         absl::StatusOr<PushOutcome> outcome =
             store_->Push(worker, incarnation, request.push());
+        if (metrics_ != nullptr) {
+          metrics_->Push(!outcome.ok() ? "rejected" : outcome->applied ? "applied" : "duplicate",
+                         absl::ToDoubleSeconds(absl::Now() - start),
+                         PayloadBytes(request.push().blocks()),
+                         outcome.ok() ? outcome->staleness : 0);
+        }
         if (!outcome.ok()) {
           SetError(outcome.status(), &reply);
           reply.clear_pull();
@@ -87,20 +101,15 @@ grpc::Status ParameterServiceImpl::Session(
         reply.mutable_push()->set_applied(outcome->applied);
         reply.mutable_push()->set_detail(outcome->detail);
         if (request.push().return_parameters()) {
-          absl::Status pulled = store_->Pull(request.push().step() + 1,
-                                             pull_timeout_, reply.mutable_pull());
-          if (!pulled.ok()) SetError(pulled, &reply);
+          Pull(request.push().step() + 1, &reply);
         } else {
           reply.clear_pull();
         }
         break;
       }
-      case ClientMessage::kPull: {
-        absl::Status pulled =
-            store_->Pull(request.pull().step(), pull_timeout_, reply.mutable_pull());
-        if (!pulled.ok()) SetError(pulled, &reply);
+      case ClientMessage::kPull:
+        Pull(request.pull().step(), &reply);
         break;
-      }
       default:
         reply.clear_pull();
         SetError(absl::InvalidArgumentError(
@@ -114,6 +123,18 @@ grpc::Status ParameterServiceImpl::Session(
     return grpc::Status(grpc::StatusCode::CANCELLED, "session cancelled");
   }
   return grpc::Status::OK;
+}
+
+void ParameterServiceImpl::Pull(int64_t step, ServerMessage* reply) {
+  const absl::Time start = absl::Now();
+  absl::Status pulled = store_->Pull(step, pull_timeout_, reply->mutable_pull());
+  if (!pulled.ok()) {
+    SetError(pulled, reply);
+    return;
+  }
+  if (metrics_ != nullptr) {
+    metrics_->Pull(absl::ToDoubleSeconds(absl::Now() - start), PayloadBytes(reply->pull().blocks()));
+  }
 }
 
 grpc::Status ParameterServiceImpl::ShardStats(

@@ -12,6 +12,7 @@
 
 #include "server/checkpointer.h"
 #include "server/coordinator.h"
+#include "server/server_metrics.h"
 #include "server/shard_store.h"
 
 namespace tessera {
@@ -24,8 +25,10 @@ class ParameterServiceImpl final
     : public tessera::v1::ParameterService::Service {
  public:
   // `checkpoint` serves the Checkpoint rpc (writes one and says where).
+  // `metrics` may be null.
   ParameterServiceImpl(ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
-                       std::function<absl::StatusOr<CheckpointResult>()> checkpoint);
+                       std::function<absl::StatusOr<CheckpointResult>()> checkpoint,
+                       ServiceMetrics* metrics);
 
   grpc::Status Session(
       grpc::ServerContext* context,
@@ -41,11 +44,15 @@ class ParameterServiceImpl final
                           tessera::v1::CheckpointResponse* response) override;
 
  private:
+  // Answers a pull for `step` into `reply` (an error code on failure).
+  void Pull(int64_t step, tessera::v1::ServerMessage* reply);
+
   // Constant after construction.
   ShardStore* const store_;
   const uint64_t job_hash_;
   const absl::Duration pull_timeout_;
   const std::function<absl::StatusOr<CheckpointResult>()> checkpoint_;
+  ServiceMetrics* const metrics_;
 };
 
 // Serves the CoordinatorService. Thread-safe; does not own `coordinator`.

@@ -8,6 +8,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "proto/tessera.grpc.pb.h"
 #include "common/job_spec.h"
@@ -54,10 +55,20 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
     s->store_->SetCheckpointHook(job.checkpoint().every_steps(),
                                  [cp](ShardState state) { cp->Submit(std::move(state)); });
   }
+  if (options.host_coordinator) {
+    s->coordinator_ = std::make_unique<Coordinator>(options.job, job_hash);
+    s->coordinator_service_ = std::make_unique<CoordinatorServiceImpl>(s->coordinator_.get());
+  }
+  if (!options.metrics_address.empty()) {
+    TESSERA_ASSIGN_OR_RETURN(s->metrics_, MetricsEndpoint::Start(options.metrics_address));
+    s->metrics_->Add(MakeStoreCollector(s->store_.get(), s->coordinator_.get()));
+    s->service_metrics_ =
+        std::make_unique<ServiceMetrics>(s->metrics_->registry(), options.shard);
+  }
   TesseraServer* self = s.get();
   s->parameter_service_ = std::make_unique<ParameterServiceImpl>(
       s->store_.get(), job_hash, absl::Milliseconds(job.consistency().barrier_timeout_ms()),
-      [self] { return self->CheckpointNow(); });
+      [self] { return self->CheckpointNow(); }, s->service_metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -72,12 +83,7 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<int64_t>(limit, INT32_MAX)));
   builder.SetMaxSendMessageSize(-1);
   builder.RegisterService(s->parameter_service_.get());
-  if (options.host_coordinator) {
-    s->coordinator_ = std::make_unique<Coordinator>(options.job, job_hash);
-    s->coordinator_service_ =
-        std::make_unique<CoordinatorServiceImpl>(s->coordinator_.get());
-    builder.RegisterService(s->coordinator_service_.get());
-  }
+  if (s->coordinator_service_ != nullptr) builder.RegisterService(s->coordinator_service_.get());
   s->server_ = builder.BuildAndStart();
   if (s->server_ == nullptr || s->port_ == 0) {
     return absl::UnavailableError(absl::StrCat(
@@ -87,15 +93,20 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   // gRPC's health service starts out SERVING; this server is not ready
   // until it has joined the coordinator.
   s->SetServing(false);
+  ServerOptions joined_options = options;
+  if (absl::EndsWith(joined_options.advertised_address, ":0")) {
+    std::string& a = joined_options.advertised_address;
+    a = absl::StrCat(a.substr(0, a.size() - 1), s->port_);
+  }
   if (options.host_coordinator) {
     absl::Status joined = s->coordinator_->RegisterServer(
-        options.shard, job_hash, options.advertised_address);
+        options.shard, job_hash, joined_options.advertised_address);
     if (!joined.ok()) return joined;
     s->SetServing(true);
   } else if (options.coordinator_address.empty()) {
     s->SetServing(true);
   } else {
-    s->joiner_ = std::thread(&TesseraServer::JoinLoop, s.get(), options, job_hash);
+    s->joiner_ = std::thread(&TesseraServer::JoinLoop, s.get(), joined_options, job_hash);
   }
   return s;
 }

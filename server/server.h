@@ -17,8 +17,10 @@
 #include "absl/time/time.h"
 #include "proto/tessera.pb.h"
 #include "server/checkpointer.h"
+#include "common/metrics.h"
 #include "server/coordinator.h"
 #include "server/parameter_service.h"
+#include "server/server_metrics.h"
 #include "server/shard_store.h"
 
 namespace tessera {
@@ -36,6 +38,8 @@ struct ServerOptions {
   std::string coordinator_address;
   // How this server names itself to the coordinator (for status displays).
   std::string advertised_address;
+  // host:port for /metrics (Prometheus text format); empty: none.
+  std::string metrics_address;
 };
 
 // A running server. Thread-safe.
@@ -50,6 +54,8 @@ class TesseraServer {
   ~TesseraServer();
 
   int port() const { return port_; }
+  // Port of /metrics; 0 when not served.
+  int metrics_port() const { return metrics_ == nullptr ? 0 : metrics_->port(); }
   ShardStore* store() { return store_.get(); }
 
   // Stops taking new calls, wakes waiting pulls and waits up to `grace` for
@@ -74,6 +80,8 @@ class TesseraServer {
 
   std::unique_ptr<ShardStore> store_;
   std::unique_ptr<Checkpointer> checkpointer_;
+  std::unique_ptr<MetricsEndpoint> metrics_;
+  std::unique_ptr<ServiceMetrics> service_metrics_;
   absl::Duration checkpoint_timeout_;
   std::unique_ptr<Coordinator> coordinator_;
   std::unique_ptr<ParameterServiceImpl> parameter_service_;

@@ -33,6 +33,11 @@ ABSL_FLAG(std::string, coordinator, "",
           "Empty: serve at once.");
 ABSL_FLAG(std::string, advertise, "",
           "Address this server gives the coordinator (default: hostname:port).");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve /metrics on (Prometheus text format); port 0 "
+          "picks a free port (see --metrics_port_file). Empty: no metrics.");
+ABSL_FLAG(std::string, metrics_port_file, "",
+          "If set, write the bound metrics port to this file.");
 ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
           "On SIGTERM/SIGINT, wait this long for in-flight calls.");
 
@@ -47,17 +52,6 @@ constexpr char kUsage[] =
 int Fail(const std::string& message) {
   std::cerr << "tessera-server: " << message << std::endl;
   return 1;
-}
-
-bool WritePortFile(const std::string& path, int port) {
-  // Write then rename, so a reader never sees a partial file.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << port << "\n";
-    if (!out.good()) return false;
-  }
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
 }  // namespace
@@ -96,23 +90,35 @@ int main(int argc, char** argv) {
   options.job = *job;
   options.host_coordinator = shard == 0 && absl::GetFlag(FLAGS_host_coordinator);
   if (!options.host_coordinator) options.coordinator_address = absl::GetFlag(FLAGS_coordinator);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.advertised_address = absl::GetFlag(FLAGS_advertise);
   if (options.advertised_address.empty()) {
+    // A specific listening address names itself; a wildcard one goes by the
+    // hostname. A port of 0 is replaced by the bound port once known.
     const std::string& listen = options.listen_address;
+    const std::string host = listen.substr(0, listen.rfind(':'));
+    const bool wildcard = host.empty() || host == "0.0.0.0" || host == "[::]" || host == "::";
     options.advertised_address =
-        absl::StrCat(hostname, listen.substr(listen.rfind(':')));
+        absl::StrCat(wildcard ? std::string(hostname) : host, listen.substr(listen.rfind(':')));
   }
   absl::StatusOr<std::unique_ptr<tessera::TesseraServer>> server =
       tessera::TesseraServer::Start(options);
   if (!server.ok()) return Fail(std::string(server.status().message()));
   const int port = (*server)->port();
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
-  if (!port_file.empty() && !WritePortFile(port_file, port)) {
+  if (!port_file.empty() && !tessera::WritePortFile(port_file, port)) {
     return Fail(absl::StrCat("cannot write --port_file '", port_file, "'"));
+  }
+  const std::string metrics_port_file = absl::GetFlag(FLAGS_metrics_port_file);
+  if (!metrics_port_file.empty() &&
+      !tessera::WritePortFile(metrics_port_file, (*server)->metrics_port())) {
+    return Fail(absl::StrCat("cannot write --metrics_port_file '", metrics_port_file, "'"));
   }
   std::cerr << "tessera-server: shard " << shard << "/" << job->num_shards()
             << " of job '" << job->name() << "' serving on port " << port
-            << (options.host_coordinator ? " (with coordinator)" : "") << std::endl;
+            << (options.host_coordinator ? " (with coordinator)" : "");
+  if ((*server)->metrics_port() != 0) std::cerr << ", metrics on port " << (*server)->metrics_port();
+  std::cerr << std::endl;
 
   std::thread waiter([&] {
     int sig = 0;

@@ -185,6 +185,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     return valid;
   }
   const int64_t step = request.step();
+  int64_t staleness = 0;
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_) {
@@ -227,6 +228,9 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
       ++accumulating_;
     }
     w.last_step = step;
+    staleness = mode_ == tessera::v1::SYNC
+                    ? 0
+                    : std::max<int64_t>(0, version_ - request.base_version());
   }
 
   if (mode_ != tessera::v1::SYNC) {
@@ -245,7 +249,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     }
     // Asynchronous checkpoints are per-block consistent, as async training is.
     if (checkpoint) checkpoint_hook_(CopyBlocks(version, version));
-    return PushOutcome{true, ""};
+    return PushOutcome{true, "", staleness};
   }
 
   for (const tessera::v1::TensorBlock& tb : request.blocks()) {
@@ -267,7 +271,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     }
   }
   if (apply) CompleteStep(contributors, step);
-  return PushOutcome{true, ""};
+  return PushOutcome{true, "", staleness};
 }
 
 void ShardStore::ApplyStep(int contributors, int64_t step) {

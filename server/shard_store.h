@@ -30,6 +30,9 @@ namespace tessera {
 struct PushOutcome {
   bool applied = false;  // false: acknowledged without effect
   std::string detail;    // why not applied
+  // Updates applied since the parameters the gradient was computed from
+  // (the push's base_version); 0 in sync mode.
+  int64_t staleness = 0;
 };
 
 // Counters, for ShardStats and tests.

@@ -79,6 +79,7 @@ class ShardStream {
     tessera::v1::PushRequest* push = push_.mutable_push();
     push->set_step(step);
     push->set_return_parameters(true);
+    push->set_base_version(version_);
     for (size_t i = 0; i < ids.size(); ++i) {
       const BlockInfo& b = partition_.blocks()[ids[i]];
       tessera::v1::TensorBlock* tb = static_cast<int>(i) < push->blocks_size()
@@ -132,7 +133,7 @@ class ShardStream {
           DecodeF32(tb.dtype(), tb.data(), params.subspan(b.flat_offset, b.num_elements)),
           absl::StrCat(Where(), " block ", b.id)));
     }
-    *version = pull.version();
+    *version = version_ = pull.version();
     return absl::OkStatus();
   }
 
@@ -144,6 +145,7 @@ class ShardStream {
   grpc::ClientContext context_;
   std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
   uint64_t next_id_ = 1;
+  int64_t version_ = 0;  // of the parameters last received
   ClientMessage request_;
   ClientMessage push_;
   ServerMessage reply_;

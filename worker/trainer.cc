@@ -11,6 +11,7 @@
 #include "common/aligned_buffer.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
+#include "worker/event_writer.h"
 
 namespace tessera {
 namespace {
@@ -23,6 +24,27 @@ void DrawProgress(std::ostream& out, int64_t done, int64_t total, double loss) {
   if (filled < kWidth) bar[filled] = '>';
   out << absl::StrFormat("\r%6d/%d [%s] - loss: %.4f", done, total, bar, loss)
       << std::flush;
+}
+
+// The epoch's figures for TensorBoard at global step `step`. The learning
+// rate is the job's base rate: the schedule is applied on the servers, and
+// the worker library does not depend on the server's optimizer code.
+absl::Status WriteEpochScalars(EventWriter* events, int64_t step, const EpochStats& s,
+                               bool evaluated, bool classification,
+                               const tessera::v1::JobSpec& job) {
+  TESSERA_RETURN_IF_ERROR(events->AddScalar("epoch/loss", step, s.train_loss));
+  if (evaluated) {
+    TESSERA_RETURN_IF_ERROR(events->AddScalar("epoch/val_loss", step, s.val_loss));
+    if (classification) {
+      TESSERA_RETURN_IF_ERROR(events->AddScalar("epoch/val_accuracy", step, s.val_accuracy));
+    }
+  }
+  TESSERA_RETURN_IF_ERROR(events->AddScalar("epoch/samples_per_sec", step, s.samples_per_sec));
+  TESSERA_RETURN_IF_ERROR(
+      events->AddScalar("epoch/learning_rate", step, job.optimizer().learning_rate()));
+  // Once per epoch, so that a running TensorBoard shows the curves live
+  // without a system call per step.
+  return events->Flush();
 }
 
 }  // namespace
@@ -152,6 +174,9 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     ++loss_count;
     const double mean_loss = loss_sum / loss_count;
     if (options.on_step) options.on_step(step, epoch, mean_loss);
+    if (options.events != nullptr) {
+      TESSERA_RETURN_IF_ERROR(options.events->AddScalar("train/loss", step + 1, loss));
+    }
 
     const bool epoch_end = in_epoch == steps_per_epoch - 1 || step == total_steps - 1;
     if (options.progress_bar && options.out != nullptr && !epoch_end &&
@@ -174,6 +199,10 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       stats.val_accuracy = static_cast<double>(r.correct) / std::max<int64_t>(1, r.count);
     }
     summary.epochs.push_back(stats);
+    if (options.events != nullptr) {
+      TESSERA_RETURN_IF_ERROR(WriteEpochScalars(options.events, step + 1, stats,
+                                                options.evaluate, summary.classification, job));
+    }
     if (options.out != nullptr && options.evaluate) {
       if (options.progress_bar) *options.out << "\r\033[K";
       *options.out << FormatEpochLine(epoch + 1, job.epochs(), stats,

@@ -20,6 +20,8 @@
 
 namespace tessera {
 
+class EventWriter;
+
 struct TrainerOptions {
   int rank = 0;
   // Whether this worker evaluates after each epoch and prints the epoch
@@ -32,6 +34,13 @@ struct TrainerOptions {
   // Called after every step with (global step, epoch, mean loss so far);
   // for heartbeats. May be empty.
   std::function<void(int64_t, int, double)> on_step;
+  // TensorBoard scalars, or null for none; not owned. Every step writes
+  // `train/loss` (this worker's batch loss); every epoch end writes
+  // `epoch/loss`, `epoch/val_loss`, `epoch/val_accuracy` (classification),
+  // `epoch/samples_per_sec` and `epoch/learning_rate`, then flushes. Steps
+  // are global steps completed. Only rank 0 should get one: one log folder,
+  // one set of curves.
+  EventWriter* events = nullptr;
 };
 
 struct EpochStats {

@@ -20,12 +20,15 @@
 #include "common/flags.h"
 #include "common/grpc_status.h"
 #include "common/job_spec.h"
+#include "common/metrics.h"
 #include "common/partition.h"
 #include "proto/tessera.grpc.pb.h"
 #include "worker/backend_factory.h"
+#include "worker/event_writer.h"
 #include "worker/grpc_parameter_client.h"
 #include "worker/job_data.h"
 #include "worker/trainer.h"
+#include "worker/worker_metrics.h"
 
 ABSL_FLAG(int32_t, rank, 0, "Worker rank in [0, job.num_workers).");
 ABSL_FLAG(std::string, rank_from_env, "",
@@ -51,6 +54,14 @@ ABSL_FLAG(std::optional<bool>, evaluate, std::nullopt,
           "Evaluate on the held-out set after each epoch and print the epoch "
           "lines (default: only rank 0 does).");
 ABSL_FLAG(int32_t, connect_timeout_s, 60, "Seconds to wait for each server.");
+ABSL_FLAG(std::string, logdir, "",
+          "Write TensorBoard event files (loss curves) to this folder; only "
+          "rank 0 writes.");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "host:port to serve /metrics on (Prometheus text format); port 0 "
+          "picks a free port (see --metrics_port_file). Empty: no metrics.");
+ABSL_FLAG(std::string, metrics_port_file, "",
+          "If set, write the bound metrics port to this file.");
 
 namespace {
 
@@ -156,6 +167,15 @@ int main(int argc, char** argv) {
                              std::max<int64_t>(job->batch_size(), 512),
                              absl::GetFlag(FLAGS_gemm_precision));
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
+  // Rank 0 alone writes TensorBoard events: one folder, one set of curves.
+  // Created before any server is contacted, so a bad --logdir fails first.
+  std::unique_ptr<tessera::EventWriter> events;
+  if (rank == 0 && !absl::GetFlag(FLAGS_logdir).empty()) {
+    absl::StatusOr<std::unique_ptr<tessera::EventWriter>> writer =
+        tessera::EventWriter::Create(absl::GetFlag(FLAGS_logdir));
+    if (!writer.ok()) return Fail(absl::StrCat("--logdir: ", writer.status().message()));
+    events = *std::move(writer);
+  }
 
   // Register with the coordinator for an incarnation.
   std::string coordinator = absl::GetFlag(FLAGS_coordinator);
@@ -196,14 +216,31 @@ int main(int argc, char** argv) {
       tessera::CreateGrpcParameterClient(*partition, client_options);
   if (!client.ok()) return Fail(std::string(client.status().message()));
 
+  std::unique_ptr<tessera::MetricsEndpoint> metrics;
+  std::unique_ptr<tessera::WorkerMetrics> worker_metrics;
+  if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
+    absl::StatusOr<std::unique_ptr<tessera::MetricsEndpoint>> m =
+        tessera::MetricsEndpoint::Start(absl::GetFlag(FLAGS_metrics_listen));
+    if (!m.ok()) return Fail(std::string(m.status().message()));
+    metrics = *std::move(m);
+    worker_metrics = std::make_unique<tessera::WorkerMetrics>(metrics->registry(), rank,
+                                                              job->batch_size());
+    const std::string port_file = absl::GetFlag(FLAGS_metrics_port_file);
+    if (!port_file.empty() && !tessera::WritePortFile(port_file, metrics->port())) {
+      return Fail(absl::StrCat("cannot write --metrics_port_file '", port_file, "'"));
+    }
+  }
+
   Heartbeater heartbeat(coord_channel, rank, reg_reply.incarnation());
   tessera::TrainerOptions options;
   options.rank = rank;
   options.evaluate = absl::GetFlag(FLAGS_evaluate).value_or(rank == 0);
   options.out = &std::cout;
   options.progress_bar = rank == 0 && isatty(STDOUT_FILENO);
-  options.on_step = [&heartbeat](int64_t step, int epoch, double loss) {
+  options.events = events.get();
+  options.on_step = [&heartbeat, &worker_metrics](int64_t step, int epoch, double loss) {
     heartbeat.Update(step + 1, epoch, loss);
+    if (worker_metrics != nullptr) worker_metrics->Step(step, epoch, loss);
   };
   if (rank == 0) {
     std::cout << "job '" << job->name() << "': " << job->model() << ", "
