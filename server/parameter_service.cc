@@ -1,5 +1,6 @@
 #include "server/parameter_service.h"
 
+#include <iostream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -97,6 +98,12 @@ grpc::Status ParameterServiceImpl::Session(
           SetError(outcome.status(), &reply);
           reply.clear_pull();
           break;
+        }
+        if (outcome->fast_forwarded > 0) {
+          std::cerr << "tessera-server: shard " << store_->shard() << " fast-forwarded "
+                    << outcome->fast_forwarded << " steps to step " << request.push().step()
+                    << " to rejoin its workers (those updates are lost on this shard)"
+                    << std::endl;
         }
         reply.mutable_push()->set_applied(outcome->applied);
         reply.mutable_push()->set_detail(outcome->detail);

@@ -76,6 +76,14 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   builder.AddListeningPort(options.listen_address,
                            grpc::InsecureServerCredentials(), &s->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  // Accept the workers' keepalive pings (every 10 s, also between calls);
+  // the server pings too, so a vanished worker's stream ends and it leaves
+  // the barrier instead of holding it for the TCP timeout.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 5000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   // A push carries at most this shard's gradients; anything larger than
   // that plus framing slack is refused by gRPC with RESOURCE_EXHAUSTED.
   const int64_t limit = std::max<int64_t>(

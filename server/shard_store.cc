@@ -186,6 +186,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
   }
   const int64_t step = request.step();
   int64_t staleness = 0;
+  int64_t fast_forwarded = 0;
   {
     absl::MutexLock lock(&mu_);
     if (shutdown_) {
@@ -218,12 +219,19 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
         ++counters_.pushes_duplicate;
         return PushOutcome{false, absl::StrCat("step ", step, " is closed")};
       }
+      if (step > step_ && fresh_ && contributed_.empty() && !applying_) {
+        fast_forwarded = step - step_;
+        counters_.lost_steps += fast_forwarded;
+        version_ += fast_forwarded;
+        step_ = step;
+      }
       if (step > step_) {
         ++counters_.requests_rejected;
         return absl::FailedPreconditionError(
             absl::StrCat("push for step ", step, " but shard ", shard_,
                          " is at step ", step_, "; pull first"));
       }
+      fresh_ = false;
       contributed_.insert(worker);
       ++accumulating_;
     }
@@ -271,7 +279,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     }
   }
   if (apply) CompleteStep(contributors, step);
-  return PushOutcome{true, "", staleness};
+  return PushOutcome{true, "", staleness, fast_forwarded};
 }
 
 void ShardStore::ApplyStep(int contributors, int64_t step) {

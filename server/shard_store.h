@@ -33,6 +33,9 @@ struct PushOutcome {
   // Updates applied since the parameters the gradient was computed from
   // (the push's base_version); 0 in sync mode.
   int64_t staleness = 0;
+  // SYNC: steps this push skipped the shard ahead by (a restarted shard
+  // catching up with its workers; those updates are lost on this shard).
+  int64_t fast_forwarded = 0;
 };
 
 // Counters, for ShardStats and tests.
@@ -43,6 +46,7 @@ struct StoreStats {
   int64_t requests_rejected = 0;
   int64_t nonfinite_rejected = 0;
   int live_workers = 0;
+  int64_t lost_steps = 0;  // SYNC: steps skipped by fast-forwards
 };
 
 // Holds the blocks of one shard and applies pushes to them.
@@ -167,6 +171,10 @@ class ShardStore {
   bool applying_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool checkpoint_pending_ ABSL_GUARDED_BY(mu_) = false;
+  // SYNC: true until the first push is accepted. A shard restarted from a
+  // checkpoint while its workers kept going gets pushes for later steps;
+  // while fresh, it jumps to the workers' step instead of refusing them.
+  bool fresh_ ABSL_GUARDED_BY(mu_) = true;
   // Set before serving, then constant.
   int64_t checkpoint_every_ = 0;
   std::function<void(ShardState)> checkpoint_hook_;

@@ -278,10 +278,31 @@ TEST(ShardStoreTest, HugeFiniteGradientsStayFiniteWithAdam) {
 TEST(ShardStoreTest, SyncRejectsPushesAheadOfTheStep) {
   auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1), 0);
   ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
   const double before = (*store)->ParamSum();
   EXPECT_EQ((*store)->Push(0, 1, FullPush(**store, 3, 1.0f)).status().code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_DOUBLE_EQ((*store)->ParamSum(), before);
+  EXPECT_EQ((*store)->stats().lost_steps, 0);
+}
+
+TEST(ShardStoreTest, FreshShardFastForwardsToItsWorkers) {
+  // A shard restarted from an old checkpoint while its workers kept going:
+  // the first push names a later step, and the shard jumps to it, counting
+  // the skipped steps as lost.
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  auto first = (*store)->Push(0, 1, FullPush(**store, 7, 1.0f));
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->fast_forwarded, 7);
+  EXPECT_EQ((*store)->stats().lost_steps, 7);
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 7, 3.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 8);
+  ExpectShifted(before, AllParams(**store), 2.0f);  // step 7 applied once, as a mean
+  // No longer fresh: a push far ahead is refused again.
+  EXPECT_EQ((*store)->Push(0, 1, FullPush(**store, 20, 1.0f)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(ShardStoreTest, SspBlocksOnlyBeyondTheStalenessBound) {

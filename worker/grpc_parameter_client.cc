@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <iostream>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
@@ -28,17 +29,23 @@ class ShardStream {
   ShardStream(int shard, std::string address, const Partition& partition)
       : shard_(shard), address_(std::move(address)), partition_(partition) {}
 
-  ~ShardStream() {
-    if (stream_ != nullptr) {
-      stream_->WritesDone();
-      stream_->Finish().ok();  // the outcome no longer matters on teardown
-    }
-  }
+  ~ShardStream() { Close(); }
 
   absl::Status Open(const GrpcClientOptions& options) {
+    options_ = options;
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(options.max_message_bytes);
     args.SetMaxSendMessageSize(options.max_message_bytes);
+    // Keepalive agreed with the servers (server.cc allows pings every 5 s):
+    // a frozen or vanished server is noticed within about 15 s even when
+    // no reply is due.
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 10000);
+    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+    // Reconnect quickly after a server restart.
+    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
     channel_ = grpc::CreateCustomChannel(
         address_, grpc::InsecureChannelCredentials(), args);
     const auto deadline = std::chrono::system_clock::now() +
@@ -49,23 +56,14 @@ class ShardStream {
                        absl::FormatDuration(options.connect_timeout)));
     }
     stub_ = tessera::v1::ParameterService::NewStub(channel_);
-    stream_ = stub_->Session(&context_);
-    ClientMessage hello;
-    hello.set_request_id(next_id_++);
-    tessera::v1::Hello* h = hello.mutable_hello();
-    h->set_worker_id(options.worker_id);
-    h->set_incarnation(options.incarnation);
-    h->set_job_hash(options.job_hash);
-    h->set_shard(shard_);
-    return Exchange(hello);
+    return StartSession();
   }
 
   // Pull request for `step`; decodes into `params`.
   absl::Status Pull(int64_t step, absl::Span<float> params, int64_t* version) {
     request_.Clear();
-    request_.set_request_id(next_id_++);
     request_.mutable_pull()->set_step(step);
-    TESSERA_RETURN_IF_ERROR(Exchange(request_));
+    TESSERA_RETURN_IF_ERROR(Call(&request_));
     return Decode(params, version);
   }
 
@@ -75,7 +73,6 @@ class ShardStream {
     // The push message keeps its block buffers from step to step; only the
     // payload bytes are rewritten.
     const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
-    push_.set_request_id(next_id_++);
     tessera::v1::PushRequest* push = push_.mutable_push();
     push->set_step(step);
     push->set_return_parameters(true);
@@ -89,7 +86,7 @@ class ShardStream {
       tb->set_dtype(tessera::v1::F32);
       EncodeF32(grads.subspan(b.flat_offset, b.num_elements), tb->mutable_data());
     }
-    TESSERA_RETURN_IF_ERROR(Exchange(push_));
+    TESSERA_RETURN_IF_ERROR(Call(&push_));
     *applied = reply_.push().applied();
     int64_t version;
     return Decode(params, &version);
@@ -100,17 +97,75 @@ class ShardStream {
     return absl::StrCat("shard ", shard_, " (", address_, ")");
   }
 
-  absl::Status Exchange(const ClientMessage& request) {
-    if (!stream_->Write(request) || !stream_->Read(&reply_)) {
+  static bool Retryable(const absl::Status& s) {
+    return s.code() == absl::StatusCode::kUnavailable ||
+           s.code() == absl::StatusCode::kCancelled ||
+           s.code() == absl::StatusCode::kAborted ||
+           s.code() == absl::StatusCode::kDeadlineExceeded;
+  }
+
+  // Sends `request` (with a fresh id) and reads its reply, reopening the
+  // stream and resending while the failure is one a server restart or a
+  // network fault explains.
+  absl::Status Call(ClientMessage* request) {
+    const absl::Time deadline = absl::Now() + options_.retry_timeout;
+    absl::Duration backoff = absl::Milliseconds(50);
+    while (true) {
+      absl::Status s = stream_ != nullptr ? Exchange(request) : absl::UnavailableError("no stream");
+      if (s.ok() || !Retryable(s)) return s;
+      if (absl::Now() + backoff > deadline) {
+        return Annotate(s, absl::StrCat("gave up after retrying for ",
+                                        absl::FormatDuration(options_.retry_timeout)));
+      }
+      if (!warned_) {
+        std::cerr << "tessera-worker: " << s.message() << "; retrying" << std::endl;
+        warned_ = true;
+      }
+      absl::SleepFor(backoff);
+      backoff = std::min(backoff * 2, absl::Seconds(2));
+      Close();
+      absl::Status opened = StartSession();
+      if (opened.ok()) {
+        std::cerr << "tessera-worker: " << Where() << " reconnected" << std::endl;
+        warned_ = false;
+      } else if (!Retryable(opened)) {
+        return opened;
+      }
+    }
+  }
+
+  absl::Status StartSession() {
+    context_ = std::make_unique<grpc::ClientContext>();
+    stream_ = stub_->Session(context_.get());
+    ClientMessage hello;
+    tessera::v1::Hello* h = hello.mutable_hello();
+    h->set_worker_id(options_.worker_id);
+    h->set_incarnation(options_.incarnation);
+    h->set_job_hash(options_.job_hash);
+    h->set_shard(shard_);
+    return Exchange(&hello);
+  }
+
+  void Close() {
+    if (stream_ != nullptr) {
+      context_->TryCancel();
+      stream_->Finish().ok();  // the outcome no longer matters
+      stream_.reset();
+    }
+  }
+
+  absl::Status Exchange(ClientMessage* request) {
+    request->set_request_id(next_id_++);
+    if (!stream_->Write(*request) || !stream_->Read(&reply_)) {
       absl::Status s = FromGrpcStatus(stream_->Finish());
       stream_.reset();
       if (s.ok()) s = absl::UnavailableError("stream closed by the server");
       return Annotate(s, Where());
     }
-    if (reply_.request_id() != request.request_id()) {
+    if (reply_.request_id() != request->request_id()) {
       return absl::InternalError(absl::StrCat(
           Where(), ": reply to request ", reply_.request_id(), ", expected ",
-          request.request_id()));
+          request->request_id()));
     }
     return Annotate(StatusFromCode(reply_.code(), reply_.message()), Where());
   }
@@ -140,9 +195,11 @@ class ShardStream {
   const int shard_;
   const std::string address_;
   const Partition& partition_;
+  GrpcClientOptions options_;
+  bool warned_ = false;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
-  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received

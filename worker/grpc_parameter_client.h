@@ -23,11 +23,18 @@ struct GrpcClientOptions {
   int max_message_bytes = 64 << 20;
   // How long to wait for each server to accept a connection.
   absl::Duration connect_timeout = absl::Seconds(60);
+  // How long one request keeps retrying (reopening its stream with
+  // exponential backoff) while a server is unreachable or restarting.
+  absl::Duration retry_timeout = absl::Seconds(120);
 };
 
 // Opens a stream to every shard and says Hello on each. Shards are served in
 // parallel: each stream has its own thread, so a step costs the slowest
-// shard's time, not the sum. kUnavailable naming the shard and address when
+// shard's time, not the sum. A request that fails because its server is
+// unreachable, restarting or stopping (UNAVAILABLE, CANCELLED, ABORTED, a
+// broken stream) reopens the stream and is sent again, with exponential
+// backoff, for up to retry_timeout; exactly-once apply on the servers makes
+// the resend safe. Keepalive pings notice a silently dead server. kUnavailable naming the shard and address when
 // a server cannot be reached; kFailedPrecondition when a server rejects the
 // Hello (other job, wrong shard order).
 absl::StatusOr<std::unique_ptr<ParameterClient>> CreateGrpcParameterClient(

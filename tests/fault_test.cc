@@ -1,0 +1,165 @@
+// Process faults with the real binaries on 127.0.0.1: a server killed and
+// restarted from its checkpoint, a frozen server, a worker killed inside a
+// synchronous step. Training must finish; nobody may hang.
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <regex>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+#include "tests/cluster_util.h"
+
+namespace tessera {
+namespace {
+
+using testing_util::Bin;
+using testing_util::NewTempDir;
+using testing_util::ReadFile;
+using testing_util::SourceDir;
+
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// A two-server, two-worker synchronous Fashion-MNIST cluster whose
+// processes the test can kill, freeze and restart.
+class FaultTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = NewTempDir("fault");
+    ports_ = {FreePort(), FreePort()};
+    job_ = {"--job=" + SourceDir() + "/examples/fashion_mnist_mlp.textproto",
+            "--checkpoint_dir=" + dir_ + "/ckpt", "--checkpoint_every_steps=5"};
+  }
+
+  std::unique_ptr<Subprocess> StartServer(int shard, const std::string& log) {
+    SpawnOptions opt;
+    opt.argv = {Bin("tessera-server"), absl::StrCat("--shard=", shard),
+                absl::StrCat("--listen=127.0.0.1:", ports_[shard])};
+    if (shard > 0) opt.argv.push_back(absl::StrCat("--coordinator=127.0.0.1:", ports_[0]));
+    opt.argv.insert(opt.argv.end(), job_.begin(), job_.end());
+    opt.argv.insert(opt.argv.end(), extra_.begin(), extra_.end());
+    opt.stdout_path = opt.stderr_path = dir_ + "/" + log;
+    auto p = Subprocess::Spawn(opt);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *std::move(p) : nullptr;
+  }
+
+  std::unique_ptr<Subprocess> StartWorker(int rank) {
+    SpawnOptions opt;
+    opt.argv = {Bin("tessera-worker"), absl::StrCat("--rank=", rank),
+                absl::StrCat("--servers=127.0.0.1:", ports_[0], ",127.0.0.1:", ports_[1]),
+                absl::StrCat("--summary_json=", dir_, "/summary-", rank, ".json")};
+    opt.argv.insert(opt.argv.end(), job_.begin(), job_.end());
+    opt.argv.insert(opt.argv.end(), extra_.begin(), extra_.end());
+    opt.stdout_path = opt.stderr_path = absl::StrCat(dir_, "/worker-", rank, ".log");
+    auto p = Subprocess::Spawn(opt);
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *std::move(p) : nullptr;
+  }
+
+  void StartCluster() {
+    servers_.push_back(StartServer(0, "server-0.log"));
+    servers_.push_back(StartServer(1, "server-1.log"));
+    for (int r = 0; r < 2; ++r) workers_.push_back(StartWorker(r));
+  }
+
+  // Waits until `path` contains `text`.
+  bool WaitFor(const std::string& path, const std::string& text, absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (absl::StrContains(ReadFile(path), text)) return true;
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    return false;
+  }
+
+  double TestAccuracy(int rank) {
+    std::smatch m;
+    const std::string json = ReadFile(absl::StrCat(dir_, "/summary-", rank, ".json"));
+    if (!std::regex_search(json, m, std::regex("\"test_accuracy\": ([0-9.]+)"))) return -1;
+    return std::stod(m[1]);
+  }
+
+  std::string dir_;
+  std::vector<int> ports_;
+  std::vector<std::string> job_;
+  std::vector<std::string> extra_;
+  std::vector<std::unique_ptr<Subprocess>> servers_;
+  std::vector<std::unique_ptr<Subprocess>> workers_;
+};
+
+TEST_F(FaultTest, ServerKilledAndRestartedFromCheckpoint) {
+  extra_ = {"--max_steps=400"};
+  StartCluster();
+  // Kill shard 1 once it has written its second checkpoint.
+  ASSERT_TRUE(WaitFor(dir_ + "/server-1.log", "checkpoint at step 10", absl::Seconds(60)))
+      << ReadFile(dir_ + "/server-1.log");
+  servers_[1]->Signal(SIGKILL);
+  servers_[1]->Wait(absl::Seconds(5));
+  absl::SleepFor(absl::Seconds(1));
+  const absl::Time restarted = absl::Now();
+  servers_[1] = StartServer(1, "server-1-restarted.log");
+  for (auto& w : workers_) {
+    std::optional<int> status = w->Wait(absl::Seconds(120));
+    ASSERT_TRUE(status.has_value()) << "a worker hung after the server restart";
+    EXPECT_EQ(*status, 0) << ReadFile(dir_ + "/worker-0.log") << ReadFile(dir_ + "/worker-1.log");
+  }
+  const std::string log = ReadFile(dir_ + "/server-1-restarted.log");
+  EXPECT_TRUE(absl::StrContains(log, "resumed from")) << log;
+  // Updates lost on the restarted shard: exactly the steps since its last
+  // checkpoint, which it reports when it catches up with the workers.
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, std::regex("fast-forwarded ([0-9]+) steps"))) << log;
+  const int lost = std::stoi(m[1]);
+  EXPECT_GE(lost, 0);
+  EXPECT_LE(lost, 5) << "more updates lost than one checkpoint interval";
+  EXPECT_TRUE(absl::StrContains(ReadFile(dir_ + "/worker-0.log"), "reconnected"));
+  EXPECT_LT(absl::Now() - restarted, absl::Seconds(60));
+  EXPECT_GE(TestAccuracy(0), 0.80);
+}
+
+TEST_F(FaultTest, FrozenServerResumesAfterCont) {
+  extra_ = {"--max_steps=300"};
+  StartCluster();
+  ASSERT_TRUE(WaitFor(dir_ + "/server-1.log", "checkpoint at step 10", absl::Seconds(60)));
+  servers_[1]->Signal(SIGSTOP);
+  absl::SleepFor(absl::Seconds(3));
+  // While it is frozen, nobody finishes and nobody gives up.
+  for (auto& w : workers_) EXPECT_FALSE(w->Poll().has_value());
+  servers_[1]->Signal(SIGCONT);
+  for (auto& w : workers_) {
+    std::optional<int> status = w->Wait(absl::Seconds(120));
+    ASSERT_TRUE(status.has_value()) << "a worker hung after SIGCONT";
+    EXPECT_EQ(*status, 0) << ReadFile(dir_ + "/worker-0.log");
+  }
+  EXPECT_GE(TestAccuracy(0), 0.75);
+}
+
+TEST_F(FaultTest, WorkerKilledInsideASyncStepDoesNotHangTheOther) {
+  extra_ = {"--max_steps=300"};
+  StartCluster();
+  ASSERT_TRUE(WaitFor(dir_ + "/server-1.log", "checkpoint at step 10", absl::Seconds(60)));
+  workers_[1]->Signal(SIGKILL);
+  const absl::Time killed = absl::Now();
+  std::optional<int> status = workers_[0]->Wait(absl::Seconds(120));
+  ASSERT_TRUE(status.has_value()) << "the surviving worker hung";
+  EXPECT_EQ(*status, 0) << ReadFile(dir_ + "/worker-0.log");
+  EXPECT_LT(absl::Now() - killed, absl::Seconds(60));
+  EXPECT_GE(TestAccuracy(0), 0.75);
+}
+
+}  // namespace
+}  // namespace tessera
