@@ -147,8 +147,9 @@ absl::StatusOr<ClusterPicture> ClusterFromJob(const tessera::v1::JobSpec& job,
 
 absl::StatusOr<ClusterPicture> ClusterFromCoordinator(const std::string& address,
                                                       const tessera::v1::JobSpec* job,
-                                                      absl::Duration timeout) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+                                                      absl::Duration timeout,
+                                                      std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  auto channel = grpc::CreateChannel(address, credentials);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   tessera::v1::JobStatusResponse status;
   {
@@ -191,7 +192,7 @@ absl::StatusOr<ClusterPicture> ClusterFromCoordinator(const std::string& address
     if (server.shard == 0 && registered.address() != address) candidates.push_back(address);
     for (const std::string& candidate : candidates) {
       auto shard_stub = tessera::v1::ParameterService::NewStub(
-          grpc::CreateChannel(candidate, grpc::InsecureChannelCredentials()));
+          grpc::CreateChannel(candidate, credentials));
       grpc::ClientContext ctx;
       ctx.set_deadline(Deadline(timeout));
       tessera::v1::ShardStatsResponse stats;

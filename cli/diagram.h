@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+
+#include <grpcpp/security/credentials.h>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -68,7 +70,8 @@ absl::StatusOr<ClusterPicture> ClusterFromJob(const tessera::v1::JobSpec& job,
 // not answer within `timeout`.
 absl::StatusOr<ClusterPicture> ClusterFromCoordinator(const std::string& address,
                                                       const tessera::v1::JobSpec* job,
-                                                      absl::Duration timeout);
+                                                      absl::Duration timeout,
+    std::shared_ptr<grpc::ChannelCredentials> credentials);
 
 // The picture as Mermaid flowchart text: servers (shard, address, blocks,
 // bytes) with the coordinator on shard 0, and per worker the pull -> compute

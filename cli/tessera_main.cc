@@ -170,6 +170,7 @@ int RunLocal() {
   }
 
   std::vector<std::string> common = tessera::ForwardedJobFlags();
+  for (std::string& flag : tessera::ForwardedSecurityFlags()) common.push_back(std::move(flag));
   common.push_back(absl::StrCat("--job=", job_path));
   common.push_back(absl::StrCat("--num_shards=", num_servers));
   common.push_back(absl::StrCat("--num_workers=", num_workers));
@@ -320,9 +321,13 @@ int RunLocal() {
 
 // Asks every listed server for a checkpoint and prints where each went.
 int RunCheckpoint(const std::string& addresses) {
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags(), /*admin=*/true);
+  if (!creds.ok()) return Fail(std::string(creds.status().message()));
+  const std::shared_ptr<grpc::ChannelCredentials> credentials = *creds;
   int failures = 0;
   for (absl::string_view address : absl::StrSplit(addresses, ',', absl::SkipEmpty())) {
-    auto channel = grpc::CreateChannel(std::string(address), grpc::InsecureChannelCredentials());
+    auto channel = grpc::CreateChannel(std::string(address), credentials);
     auto stub = tessera::v1::ParameterService::NewStub(channel);
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
@@ -341,7 +346,10 @@ int RunCheckpoint(const std::string& addresses) {
 
 // Exit 0 only when the server at `address` answers SERVING.
 int RunHealth(const std::string& address) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
+  auto channel = grpc::CreateChannel(address, *credentials);
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(3));
@@ -358,7 +366,10 @@ int RunHealth(const std::string& address) {
 }
 
 int RunStatus(const std::string& address) {
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
+  auto channel = grpc::CreateChannel(address, *credentials);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
@@ -396,10 +407,15 @@ int RunDiagram(const std::string& address) {
     if (!loaded.ok()) return Fail(std::string(loaded.status().message()));
     job = *std::move(loaded);
   }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> creds =
+      tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
+  if (!creds.ok()) return Fail(std::string(creds.status().message()));
+  const std::shared_ptr<grpc::ChannelCredentials> credentials = *creds;
   absl::StatusOr<tessera::ClusterPicture> picture =
       address.empty()
           ? tessera::ClusterFromJob(*job, job_path)
-          : tessera::ClusterFromCoordinator(address, job ? &*job : nullptr, absl::Seconds(5));
+          : tessera::ClusterFromCoordinator(address, job ? &*job : nullptr, absl::Seconds(5),
+                                            credentials);
   if (!picture.ok()) return Fail(absl::StrCat("diagram: ", picture.status().message()));
   std::cout << tessera::MermaidFlowchart(*picture);
   return 0;

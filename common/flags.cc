@@ -17,6 +17,18 @@
 #include "absl/strings/str_cat.h"
 
 ABSL_FLAG(std::string, job, "", "Job file (protobuf text format, tessera.v1.JobSpec).");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA certificate. Clients: verify the server with it. Servers: "
+          "require client certificates signed by it (mutual TLS).");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain of this process (servers: enables TLS; "
+          "clients: the client certificate for mutual TLS).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key for --tls_cert.");
+ABSL_FLAG(std::string, token_file, "",
+          "File holding the bearer token every call must carry (needs TLS).");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File holding the bearer token for admin calls such as checkpoint "
+          "(servers: accept it; tessera checkpoint: send it).");
 ABSL_FLAG(std::optional<int32_t>, epochs, std::nullopt, "Override job.epochs.");
 ABSL_FLAG(std::optional<int32_t>, batch_size, std::nullopt,
           "Override job.batch_size (samples per worker per step).");
@@ -101,6 +113,28 @@ JobOverrides JobOverridesFromFlags() {
   o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   return o;
+}
+
+SecurityFiles SecurityFilesFromFlags() {
+  SecurityFiles f;
+  f.ca = absl::GetFlag(FLAGS_tls_ca);
+  f.cert = absl::GetFlag(FLAGS_tls_cert);
+  f.key = absl::GetFlag(FLAGS_tls_key);
+  f.token = absl::GetFlag(FLAGS_token_file);
+  f.admin_token = absl::GetFlag(FLAGS_admin_token_file);
+  return f;
+}
+
+std::vector<std::string> ForwardedSecurityFlags() {
+  std::vector<std::string> out;
+  const SecurityFiles f = SecurityFilesFromFlags();
+  const std::pair<const char*, const std::string*> flags[] = {
+      {"tls_ca", &f.ca}, {"tls_cert", &f.cert}, {"tls_key", &f.key},
+      {"token_file", &f.token}, {"admin_token_file", &f.admin_token}};
+  for (const auto& [name, value] : flags) {
+    if (!value->empty()) out.push_back(absl::StrCat("--", name, "=", *value));
+  }
+  return out;
 }
 
 std::vector<std::string> ForwardedJobFlags() {

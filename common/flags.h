@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/credentials.h"
 #include "common/job_spec.h"
 
 namespace tessera {
@@ -23,6 +24,12 @@ std::string JobFlag();
 
 // The override flags that were given (--epochs, --batch_size, --mode, ...).
 JobOverrides JobOverridesFromFlags();
+
+// --tls_ca, --tls_cert, --tls_key, --token_file, --admin_token_file.
+SecurityFiles SecurityFilesFromFlags();
+
+// The given security flags as arguments, for child processes.
+std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
 // child processes so that every process computes the same job.

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/credentials.h"
 #include "common/grpc_status.h"
 
 namespace tessera {
@@ -37,6 +38,10 @@ ParameterServiceImpl::ParameterServiceImpl(
 grpc::Status ParameterServiceImpl::Checkpoint(grpc::ServerContext* context,
                                               const tessera::v1::CheckpointRequest* request,
                                               tessera::v1::CheckpointResponse* response) {
+  if (!IsAdminCall(*context)) {
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "checkpoint needs the admin token (--admin_token_file)");
+  }
   absl::StatusOr<CheckpointResult> r = checkpoint_();
   if (!r.ok()) return ToGrpcStatus(r.status());
   response->set_step(r->step);

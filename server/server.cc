@@ -72,9 +72,10 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                           MakeServerCredentials(options.security));
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address,
-                           grpc::InsecureServerCredentials(), &s->port_);
+  builder.AddListeningPort(options.listen_address, credentials, &s->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   // Accept the workers' keepalive pings (every 10 s, also between calls);
   // the server pings too, so a vanished worker's stream ends and it leaves
@@ -120,8 +121,17 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
 }
 
 void TesseraServer::JoinLoop(ServerOptions options, uint64_t job_hash) {
-  auto channel = grpc::CreateChannel(options.coordinator_address,
-                                     grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      MakeChannelCredentials(options.security);
+  if (!credentials.ok()) {
+    {
+      absl::MutexLock lock(&mu_);
+      failure_ = credentials.status();
+    }
+    Shutdown(absl::ZeroDuration());
+    return;
+  }
+  auto channel = grpc::CreateChannel(options.coordinator_address, *credentials);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   tessera::v1::RegisterServerRequest request;
   request.set_shard(options.shard);

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "proto/tessera.pb.h"
 #include "server/checkpointer.h"
+#include "common/credentials.h"
 #include "common/metrics.h"
 #include "server/coordinator.h"
 #include "server/parameter_service.h"
@@ -40,6 +41,9 @@ struct ServerOptions {
   std::string advertised_address;
   // host:port for /metrics (Prometheus text format); empty: none.
   std::string metrics_address;
+  // TLS, mutual TLS and tokens (see common/credentials.h); also used to
+  // join the coordinator.
+  SecurityFiles security;
 };
 
 // A running server. Thread-safe.

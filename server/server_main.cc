@@ -91,6 +91,7 @@ int main(int argc, char** argv) {
   options.host_coordinator = shard == 0 && absl::GetFlag(FLAGS_host_coordinator);
   if (!options.host_coordinator) options.coordinator_address = absl::GetFlag(FLAGS_coordinator);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.security = tessera::SecurityFilesFromFlags();
   options.advertised_address = absl::GetFlag(FLAGS_advertise);
   if (options.advertised_address.empty()) {
     // A specific listening address names itself; a wildcard one goes by the

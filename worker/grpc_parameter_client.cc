@@ -47,7 +47,9 @@ class ShardStream {
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
     channel_ = grpc::CreateCustomChannel(
-        address_, grpc::InsecureChannelCredentials(), args);
+        address_,
+        options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),
+        args);
     const auto deadline = std::chrono::system_clock::now() +
                           absl::ToChronoMilliseconds(options.connect_timeout);
     if (!channel_->WaitForConnected(deadline)) {

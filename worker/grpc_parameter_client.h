@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/security/credentials.h>
+
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/partition.h"
@@ -21,6 +23,8 @@ struct GrpcClientOptions {
   uint64_t job_hash = 0;
   // Largest message the client accepts (a shard's parameters plus slack).
   int max_message_bytes = 64 << 20;
+  // Channel credentials (TLS, tokens); null means plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
   // How long to wait for each server to accept a connection.
   absl::Duration connect_timeout = absl::Seconds(60);
   // How long one request keeps retrying (reopening its stream with

@@ -180,8 +180,10 @@ int main(int argc, char** argv) {
   // Register with the coordinator for an incarnation.
   std::string coordinator = absl::GetFlag(FLAGS_coordinator);
   if (coordinator.empty()) coordinator = servers[0];
-  auto coord_channel =
-      grpc::CreateChannel(coordinator, grpc::InsecureChannelCredentials());
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
+  auto coord_channel = grpc::CreateChannel(coordinator, *credentials);
   const auto connect_deadline =
       std::chrono::system_clock::now() +
       std::chrono::seconds(absl::GetFlag(FLAGS_connect_timeout_s));
@@ -205,6 +207,7 @@ int main(int argc, char** argv) {
   client_options.worker_id = rank;
   client_options.incarnation = reg_reply.incarnation();
   client_options.job_hash = job_hash;
+  client_options.credentials = *credentials;
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   int64_t largest_shard = 0;
   for (int s = 0; s < job->num_shards(); ++s) {
