@@ -3,6 +3,7 @@
 #include <iostream>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "common/credentials.h"
 #include "common/grpc_status.h"
@@ -28,8 +29,10 @@ double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::Tensor
 
 ParameterServiceImpl::ParameterServiceImpl(
     ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
-    std::function<absl::StatusOr<CheckpointResult>()> checkpoint, ServiceMetrics* metrics)
-    : store_(store),
+    std::function<absl::StatusOr<CheckpointResult>()> checkpoint, ServiceMetrics* metrics,
+    int max_sessions)
+    : max_sessions_(max_sessions),
+      store_(store),
       job_hash_(job_hash),
       pull_timeout_(pull_timeout),
       checkpoint_(std::move(checkpoint)),
@@ -52,6 +55,15 @@ grpc::Status ParameterServiceImpl::Checkpoint(grpc::ServerContext* context,
 grpc::Status ParameterServiceImpl::Session(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<ServerMessage, ClientMessage>* stream) {
+  // Each session holds a server thread for its lifetime; past the limit,
+  // shed new ones at once instead of letting threads and memory grow.
+  if (sessions_.fetch_add(1) >= max_sessions_) {
+    sessions_.fetch_sub(1);
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("shard ", store_->shard(), " already has ", max_sessions_,
+                                     " sessions open; try again later"));
+  }
+  absl::Cleanup release = [this] { sessions_.fetch_sub(1); };
   ClientMessage request;
   if (!stream->Read(&request)) return grpc::Status::OK;
   if (!request.has_hello()) {

@@ -8,6 +8,7 @@
 
 #include "absl/time/time.h"
 #include "proto/tessera.grpc.pb.h"
+#include <atomic>
 #include <functional>
 
 #include "server/checkpointer.h"
@@ -25,10 +26,11 @@ class ParameterServiceImpl final
     : public tessera::v1::ParameterService::Service {
  public:
   // `checkpoint` serves the Checkpoint rpc (writes one and says where).
-  // `metrics` may be null.
+  // `metrics` may be null. At most `max_sessions` streams are served at
+  // once; more are refused with RESOURCE_EXHAUSTED.
   ParameterServiceImpl(ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
                        std::function<absl::StatusOr<CheckpointResult>()> checkpoint,
-                       ServiceMetrics* metrics);
+                       ServiceMetrics* metrics, int max_sessions);
 
   grpc::Status Session(
       grpc::ServerContext* context,
@@ -47,6 +49,8 @@ class ParameterServiceImpl final
   // Answers a pull for `step` into `reply` (an error code on failure).
   void Pull(int64_t step, tessera::v1::ServerMessage* reply);
 
+  const int max_sessions_;
+  std::atomic<int> sessions_{0};
   // Constant after construction.
   ShardStore* const store_;
   const uint64_t job_hash_;

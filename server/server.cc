@@ -68,7 +68,8 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   TesseraServer* self = s.get();
   s->parameter_service_ = std::make_unique<ParameterServiceImpl>(
       s->store_.get(), job_hash, absl::Milliseconds(job.consistency().barrier_timeout_ms()),
-      [self] { return self->CheckpointNow(); }, s->service_metrics_.get());
+      [self] { return self->CheckpointNow(); }, s->service_metrics_.get(),
+      options.max_sessions > 0 ? options.max_sessions : 4 * job.num_workers() + 8);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -44,6 +44,9 @@ struct ServerOptions {
   // TLS, mutual TLS and tokens (see common/credentials.h); also used to
   // join the coordinator.
   SecurityFiles security;
+  // Streams served at once (0: 4 per worker + 8); more are shed with
+  // RESOURCE_EXHAUSTED.
+  int max_sessions = 0;
 };
 
 // A running server. Thread-safe.

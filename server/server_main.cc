@@ -38,6 +38,9 @@ ABSL_FLAG(std::string, metrics_listen, "",
           "picks a free port (see --metrics_port_file). Empty: no metrics.");
 ABSL_FLAG(std::string, metrics_port_file, "",
           "If set, write the bound metrics port to this file.");
+ABSL_FLAG(int32_t, max_sessions, 0,
+          "Most worker streams served at once; more are refused with "
+          "RESOURCE_EXHAUSTED (0: 4 per worker + 8).");
 ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
           "On SIGTERM/SIGINT, wait this long for in-flight calls.");
 
@@ -92,6 +95,7 @@ int main(int argc, char** argv) {
   if (!options.host_coordinator) options.coordinator_address = absl::GetFlag(FLAGS_coordinator);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.security = tessera::SecurityFilesFromFlags();
+  options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.advertised_address = absl::GetFlag(FLAGS_advertise);
   if (options.advertised_address.empty()) {
     // A specific listening address names itself; a wildcard one goes by the

@@ -222,6 +222,25 @@ TEST_F(ServerProcessTest, OversizedMessageIsResourceExhausted) {
   EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
 }
 
+TEST_F(ServerProcessTest, SessionsBeyondTheLimitAreShed) {
+  // The job has one worker: the default limit is 4 * 1 + 8 = 12 sessions.
+  std::vector<std::unique_ptr<Session>> open;
+  for (int i = 0; i < 12; ++i) {
+    open.push_back(std::make_unique<Session>(stub_.get(), JobHash(job_), 1));
+    ASSERT_TRUE(open.back()->hello_ok()) << "session " << i;
+  }
+  Session extra(stub_.get(), JobHash(job_), 1);
+  EXPECT_FALSE(extra.hello_ok());
+  grpc::Status shed = extra.Finish();
+  EXPECT_EQ(shed.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(shed.error_message().find("12 sessions"), std::string::npos) << shed.error_message();
+  // Closing one makes room again.
+  open.pop_back();
+  absl::SleepFor(absl::Milliseconds(100));
+  Session again(stub_.get(), JobHash(job_), 1);
+  EXPECT_TRUE(again.hello_ok());
+}
+
 TEST_F(ServerProcessTest, SecondServerOnTheSamePortFailsLoudly) {
   const absl::Time start = absl::Now();
   RunResult r = RunProgram({Bin("tessera-server"), "--job=" + job_path_, "--shard=0",
