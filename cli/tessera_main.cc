@@ -28,6 +28,7 @@
 #include "common/job_spec.h"
 #include "cli/diagram.h"
 #include "cli/eval.h"
+#include "cli/status.h"
 #include "common/subprocess.h"
 #include "proto/health.grpc.pb.h"
 #include "proto/tessera.grpc.pb.h"
@@ -50,6 +51,7 @@ ABSL_FLAG(std::string, bin_dir, "",
           "local: folder holding tessera-server and tessera-worker "
           "(default: this program's folder).");
 ABSL_FLAG(int32_t, startup_timeout_s, 30, "local: seconds to wait for servers to listen.");
+ABSL_FLAG(bool, once, false, "status: print once instead of refreshing on a terminal.");
 ABSL_FLAG(bool, metrics, true,
           "local: serve /metrics from every process on a free 127.0.0.1 port.");
 
@@ -65,7 +67,7 @@ constexpr char kUsage[] =
     "      Ask each server for a checkpoint now (job.checkpoint.dir must be set).\n"
     "  tessera health HOST:PORT\n"
     "      Exit 0 when the server answers SERVING (joined and ready), 1 otherwise.\n"
-    "  tessera status ADDR\n"
+    "  tessera status ADDR [--once]\n"
     "      Show the job as the coordinator at ADDR (host:port of shard 0) sees it.\n"
     "  tessera diagram ADDR [--job=JOB.textproto] | --job=JOB.textproto\n"
     "      Print the cluster and its training loop as a Mermaid flowchart: live\n"
@@ -365,32 +367,23 @@ int RunHealth(const std::string& address) {
   return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? 0 : 1;
 }
 
+// Prints the job's status; on a terminal it refreshes every second until
+// Ctrl-C, unless --once.
 int RunStatus(const std::string& address) {
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
       tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
-  auto channel = grpc::CreateChannel(address, *credentials);
-  auto stub = tessera::v1::CoordinatorService::NewStub(channel);
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-  tessera::v1::JobStatusResponse status;
-  absl::Status s = tessera::FromGrpcStatus(
-      stub->JobStatus(&ctx, tessera::v1::JobStatusRequest(), &status));
-  if (!s.ok()) return Fail(absl::StrCat("status ", address, ": ", s.message()));
-  std::cout << "job '" << status.job_name() << "' (hash " << status.job_hash() << "): "
-            << status.servers_size() << "/" << status.num_shards() << " servers, "
-            << status.workers_size() << "/" << status.num_workers() << " workers registered\n";
-  for (const tessera::v1::ServerStatus& s : status.servers()) {
-    std::cout << absl::StrFormat("shard %-3d %s\n", s.shard(), s.address());
+  const bool refresh = !absl::GetFlag(FLAGS_once) && isatty(STDOUT_FILENO);
+  while (true) {
+    absl::StatusOr<tessera::StatusView> view =
+        tessera::FetchStatus(address, *credentials, absl::Seconds(5));
+    if (!view.ok() && !refresh) return Fail(std::string(view.status().message()));
+    if (refresh) std::cout << "\033[H\033[2J";  // home, clear screen
+    std::cout << (view.ok() ? tessera::RenderStatus(*view) : std::string(view.status().message()))
+              << std::flush;
+    if (!refresh) return 0;
+    absl::SleepFor(absl::Seconds(1));
   }
-  std::cout << absl::StrFormat("%-7s %-6s %-8s %-6s %-9s %s\n", "worker", "alive", "step",
-                               "epoch", "loss", "last seen");
-  for (const tessera::v1::WorkerStatus& w : status.workers()) {
-    std::cout << absl::StrFormat("%-7d %-6s %-8d %-6d %-9.4f %.1fs ago\n", w.worker_id(),
-                                 w.alive() ? "yes" : "no", w.step(), w.epoch(), w.loss(),
-                                 w.last_seen_ms() / 1000.0);
-  }
-  return 0;
 }
 
 // Prints the Mermaid flowchart of the job at `address` (live) or, with

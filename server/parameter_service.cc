@@ -30,12 +30,13 @@ double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::Tensor
 ParameterServiceImpl::ParameterServiceImpl(
     ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
     std::function<absl::StatusOr<CheckpointResult>()> checkpoint, ServiceMetrics* metrics,
-    int max_sessions)
+    int max_sessions, std::function<std::optional<CheckpointResult>()> last_checkpoint)
     : max_sessions_(max_sessions),
       store_(store),
       job_hash_(job_hash),
       pull_timeout_(pull_timeout),
       checkpoint_(std::move(checkpoint)),
+      last_checkpoint_(std::move(last_checkpoint)),
       metrics_(metrics) {}
 
 grpc::Status ParameterServiceImpl::Checkpoint(grpc::ServerContext* context,
@@ -176,6 +177,12 @@ grpc::Status ParameterServiceImpl::ShardStats(
   response->set_num_blocks(
       static_cast<int>(store_->partition().shard_blocks(store_->shard()).size()));
   response->set_param_bytes(store_->partition().shard_bytes(store_->shard()));
+  response->set_lost_steps(s.lost_steps);
+  response->set_last_checkpoint_step(-1);
+  if (std::optional<CheckpointResult> last = last_checkpoint_(); last.has_value()) {
+    response->set_last_checkpoint_step(last->step);
+    response->set_last_checkpoint_path(last->path);
+  }
   return grpc::Status::OK;
 }
 

@@ -10,6 +10,7 @@
 #include "proto/tessera.grpc.pb.h"
 #include <atomic>
 #include <functional>
+#include <optional>
 
 #include "server/checkpointer.h"
 #include "server/coordinator.h"
@@ -30,7 +31,8 @@ class ParameterServiceImpl final
   // once; more are refused with RESOURCE_EXHAUSTED.
   ParameterServiceImpl(ShardStore* store, uint64_t job_hash, absl::Duration pull_timeout,
                        std::function<absl::StatusOr<CheckpointResult>()> checkpoint,
-                       ServiceMetrics* metrics, int max_sessions);
+                       ServiceMetrics* metrics, int max_sessions,
+                       std::function<std::optional<CheckpointResult>()> last_checkpoint);
 
   grpc::Status Session(
       grpc::ServerContext* context,
@@ -56,6 +58,7 @@ class ParameterServiceImpl final
   const uint64_t job_hash_;
   const absl::Duration pull_timeout_;
   const std::function<absl::StatusOr<CheckpointResult>()> checkpoint_;
+  const std::function<std::optional<CheckpointResult>()> last_checkpoint_;
   ServiceMetrics* const metrics_;
 };
 

@@ -69,7 +69,13 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   s->parameter_service_ = std::make_unique<ParameterServiceImpl>(
       s->store_.get(), job_hash, absl::Milliseconds(job.consistency().barrier_timeout_ms()),
       [self] { return self->CheckpointNow(); }, s->service_metrics_.get(),
-      options.max_sessions > 0 ? options.max_sessions : 4 * job.num_workers() + 8);
+      options.max_sessions > 0 ? options.max_sessions : 4 * job.num_workers() + 8,
+      [self]() -> std::optional<CheckpointResult> {
+        if (self->checkpointer_ == nullptr) return std::nullopt;
+        CheckpointResult last = self->checkpointer_->last();
+        if (last.generation == 0 || !last.status.ok()) return std::nullopt;
+        return last;
+      });
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

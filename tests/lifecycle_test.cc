@@ -70,9 +70,13 @@ TEST(LifecycleTest, NotServingUntilJoinedThenServing) {
   EXPECT_TRUE(absl::StrContains(after.output, ": SERVING")) << after.output;
 
   // The coordinator lists both shards.
-  RunResult status = RunProgram({Bin("tessera"), "status", coordinator}, dir, absl::Seconds(10));
+  RunResult status =
+      RunProgram({Bin("tessera"), "status", coordinator, "--once"}, dir, absl::Seconds(10));
   EXPECT_EQ(status.status, 0) << status.output;
   EXPECT_TRUE(absl::StrContains(status.output, "2/2 servers")) << status.output;
+  // Both shards answered with their stats (no checkpoints in this job).
+  EXPECT_FALSE(absl::StrContains(status.output, "(no answer)")) << status.output;
+  EXPECT_TRUE(absl::StrContains(status.output, shard1->address())) << status.output;
 }
 
 TEST(LifecycleTest, HealthOfNothingFails) {
