@@ -130,6 +130,17 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
   if (o.seed) job->set_seed(*o.seed);
   if (o.max_steps) job->set_max_steps(*o.max_steps);
   if (o.checkpoint_dir) job->mutable_checkpoint()->set_dir(*o.checkpoint_dir);
+  if (o.wire_dtype) {
+    const std::string w = absl::AsciiStrToLower(*o.wire_dtype);
+    if (w == "f32") {
+      job->set_wire_dtype(tessera::v1::F32);
+    } else if (w == "bf16") {
+      job->set_wire_dtype(tessera::v1::BF16);
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--wire_dtype: expected f32 or bf16, got '", *o.wire_dtype, "'"));
+    }
+  }
   if (o.checkpoint_every_steps) {
     job->mutable_checkpoint()->set_every_steps(*o.checkpoint_every_steps);
   }
@@ -202,6 +213,11 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   if (c->barrier_timeout_ms() == 0) c->set_barrier_timeout_ms(kDefaultBarrierTimeoutMs);
   if (c->barrier_timeout_ms() < 0) {
     return FieldError("consistency.barrier_timeout_ms", "must be positive");
+  }
+  if (job->wire_dtype() == tessera::v1::DTYPE_UNSPECIFIED) job->set_wire_dtype(tessera::v1::F32);
+  if (job->wire_dtype() != tessera::v1::F32 && job->wire_dtype() != tessera::v1::BF16) {
+    return FieldError("wire_dtype", absl::StrCat("must be F32 or BF16, got ",
+                                                 tessera::v1::DType_Name(job->wire_dtype())));
   }
   const tessera::v1::OptimizerSpec& opt = job->optimizer();
   if (opt.type() == tessera::v1::OPTIMIZER_TYPE_UNSPECIFIED) {

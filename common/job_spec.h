@@ -27,6 +27,7 @@ struct JobOverrides {
   std::optional<int64_t> max_steps;
   std::optional<std::string> checkpoint_dir;
   std::optional<int64_t> checkpoint_every_steps;
+  std::optional<std::string> wire_dtype;  // "f32" or "bf16"
 };
 
 // Parses text-format `text`; `source` names it in errors ("job.textproto:3:5:

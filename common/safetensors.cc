@@ -297,14 +297,21 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   }
   for (auto& [name, t] : out.tensors) {
     const auto [begin, end] = ranges[name];
+    // A corrupt header may hold negative or huge dimensions: check before
+    // multiplying, so the product can neither wrap nor match by accident.
     int64_t elements = 1;
-    for (int64_t d : t.shape) elements *= d;
-    if (begin < 0 || end < begin || static_cast<size_t>(end) > data_size ||
-        end - begin != elements * static_cast<int64_t>(sizeof(float))) {
+    for (int64_t d : t.shape) {
+      if (d < 0 || __builtin_mul_overflow(elements, d, &elements)) {
+        return absl::DataLossError(absl::StrCat("'", path, "': tensor ", name, " has a bad shape"));
+      }
+    }
+    int64_t bytes;
+    if (__builtin_mul_overflow(elements, static_cast<int64_t>(sizeof(float)), &bytes) ||
+        begin < 0 || end < begin || static_cast<size_t>(end) > data_size || end - begin != bytes) {
       return absl::DataLossError(absl::StrCat("'", path, "': tensor ", name, " has a bad byte range"));
     }
     t.data.resize(elements);
-    std::memcpy(t.data.data(), data + begin, end - begin);
+    if (end > begin) std::memcpy(t.data.data(), data + begin, end - begin);  // data() may be null
   }
   return out;
 }

@@ -3,6 +3,7 @@
 #ifndef TESSERA_COMMON_TENSOR_CODEC_H_
 #define TESSERA_COMMON_TENSOR_CODEC_H_
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
@@ -17,11 +18,25 @@ int DTypeSize(tessera::v1::DType dtype);
 // Writes `values` into `out` as F32 little-endian bytes, reusing its capacity.
 void EncodeF32(absl::Span<const float> values, std::string* out);
 
-// Decodes a payload of `dtype` holding exactly out.size() elements into `out`.
-// kInvalidArgument when the dtype is unsupported or the byte length does not
-// match; `out` is untouched then.
+// Writes `values` as bfloat16 (round to nearest even; NaN stays NaN),
+// little-endian, into `out`: half the bytes of F32, 8 bits of mantissa.
+void EncodeBF16(absl::Span<const float> values, std::string* out);
+
+// Writes `values` in `dtype` (F32 or BF16) into `out`.
+void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::string* out);
+
+// Decodes a payload of `dtype` (F32 or BF16) holding exactly out.size()
+// elements into `out`. kInvalidArgument when the dtype is unsupported or
+// the byte length does not match; `out` is untouched then.
 absl::Status DecodeF32(tessera::v1::DType dtype, const std::string& bytes,
                        absl::Span<float> out);
+
+// Adds the `n` elements of an F32 or BF16 payload to `acc`.
+void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* acc, int64_t n);
+
+// True when every element of an F32 or BF16 payload of `n` elements is
+// finite.
+bool PayloadFinite(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
 
 // Returns true when every value is finite (no NaN, no +-Inf).
 bool AllFinite(absl::Span<const float> values);

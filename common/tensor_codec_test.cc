@@ -195,3 +195,61 @@ TEST(AllFiniteTest, FalseForAnyNonFiniteValueAtAnyPosition) {
 
 }  // namespace
 }  // namespace tessera
+
+namespace tessera {
+namespace {
+
+TEST(Bf16CodecTest, RoundTripsRepresentableValuesAndRoundsToNearestEven) {
+  // Values with at most 8 significant bits survive exactly.
+  const std::vector<float> exact = {0.0f, -0.0f, 1.0f, -2.5f, 0.15625f, 65536.0f, -0.75f};
+  std::string bytes;
+  EncodeBF16(exact, &bytes);
+  ASSERT_EQ(bytes.size(), exact.size() * 2);
+  std::vector<float> back(exact.size());
+  ASSERT_TRUE(DecodeF32(tessera::v1::BF16, bytes, absl::MakeSpan(back)).ok());
+  EXPECT_EQ(back, exact);
+  // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: it goes to the even one (1);
+  // 1 + 3 * 2^-8 goes up to 1 + 2^-6.
+  const std::vector<float> ties = {1.0f + 1.0f / 256, 1.0f + 3.0f / 256};
+  EncodeBF16(ties, &bytes);
+  ASSERT_TRUE(DecodeF32(tessera::v1::BF16, bytes, absl::MakeSpan(back).subspan(0, 2)).ok());
+  EXPECT_EQ(back[0], 1.0f);
+  EXPECT_EQ(back[1], 1.0f + 4.0f / 256);
+  // Relative error of any normal value is at most 2^-9.
+  for (float v : {3.14159f, -123.456f, 1e-20f, 7e30f}) {
+    std::string one;
+    EncodeBF16({&v, 1}, &one);
+    float w;
+    ASSERT_TRUE(DecodeF32(tessera::v1::BF16, one, absl::MakeSpan(&w, 1)).ok());
+    EXPECT_LE(std::abs(w - v), std::abs(v) / 512) << v;
+  }
+}
+
+TEST(Bf16CodecTest, FinitenessAccumulationAndSizeChecks) {
+  std::vector<float> v = {1.0f, 2.0f, 3.0f, 4.0f};
+  std::string bytes;
+  EncodeBF16(v, &bytes);
+  EXPECT_TRUE(PayloadFinite(tessera::v1::BF16, bytes, 4));
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()}) {
+    std::vector<float> w = v;
+    w[3] = bad;
+    std::string b;
+    EncodeBF16(w, &b);
+    EXPECT_FALSE(PayloadFinite(tessera::v1::BF16, b, 4)) << bad;
+  }
+  std::vector<float> acc = {10.0f, 10.0f, 10.0f, 10.0f};
+  AccumulateInto(tessera::v1::BF16, bytes, acc.data(), 4);
+  EXPECT_EQ(acc, (std::vector<float>{11.0f, 12.0f, 13.0f, 14.0f}));
+  std::string f32;
+  EncodeF32(v, &f32);
+  AccumulateInto(tessera::v1::F32, f32, acc.data(), 4);
+  EXPECT_EQ(acc, (std::vector<float>{12.0f, 14.0f, 16.0f, 18.0f}));
+  std::vector<float> out(3, -1.0f);
+  EXPECT_EQ(DecodeF32(tessera::v1::BF16, bytes, absl::MakeSpan(out)).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(out, (std::vector<float>(3, -1.0f)));
+}
+
+}  // namespace
+}  // namespace tessera

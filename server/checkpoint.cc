@@ -126,10 +126,13 @@ absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expecte
       const size_t at = name.rfind('@');
       if (at == std::string::npos || absl::StrContains(name, "/")) continue;  // slots below
       int64_t offset;
+      // A named copy: clang before 16 cannot capture a structured binding.
+      const std::string param_name = name.substr(0, at);
       auto p = std::find_if(model.params.begin(), model.params.end(),
-                            [&](const ParamSpec& ps) { return ps.name == name.substr(0, at); });
+                            [&](const ParamSpec& ps) { return ps.name == param_name; });
       if (p == model.params.end() || !absl::SimpleAtoi(name.substr(at + 1), &offset) ||
-          offset < 0 || offset + static_cast<int64_t>(tensor.data.size()) > p->num_elements()) {
+          // Subtract rather than add: a corrupt offset near INT64_MAX must not wrap.
+          offset < 0 || offset > p->num_elements() - static_cast<int64_t>(tensor.data.size())) {
         return absl::DataLossError(absl::StrCat(path, ": tensor ", name, " does not fit the model"));
       }
       const int64_t base = offsets[p - model.params.begin()] + offset;

@@ -60,6 +60,7 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
     : job_(job),
       shard_(shard),
       mode_(job.consistency().mode()),
+      wire_dtype_(job.wire_dtype() == tessera::v1::BF16 ? tessera::v1::BF16 : tessera::v1::F32),
       partition_(std::move(partition)),
       optimizer_(std::move(optimizer)),
       workers_(job.num_workers()) {
@@ -104,18 +105,19 @@ absl::Status ShardStore::Validate(const PushRequest& request,
           absl::StrCat("block ", id, " appears twice in one push"));
     }
     seen[id] = true;
-    if (tb.dtype() != tessera::v1::F32) {
+    if (tb.dtype() != tessera::v1::F32 && tb.dtype() != tessera::v1::BF16) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": unsupported dtype ",
-                       tessera::v1::DType_Name(tb.dtype()), ", expected F32"));
+                       tessera::v1::DType_Name(tb.dtype()), ", expected F32 or BF16"));
     }
     const int64_t n = blocks_[id]->info.num_elements;
-    if (static_cast<int64_t>(tb.data().size()) != n * 4) {
+    const int64_t width = DTypeSize(tb.dtype());
+    if (static_cast<int64_t>(tb.data().size()) != n * width) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": payload has ", tb.data().size(),
-                       " bytes, expected ", n * 4));
+                       " bytes, expected ", n * width));
     }
-    if (!AllFinite({PayloadFloats(tb), static_cast<size_t>(n)})) {
+    if (!PayloadFinite(tb.dtype(), tb.data(), n)) {
       *nonfinite = true;
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": gradient has NaN or infinite values"));
@@ -263,8 +265,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
   for (const tessera::v1::TensorBlock& tb : request.blocks()) {
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
-    ArrayMap(b->accum.data(), b->info.num_elements) +=
-        ConstArrayMap(PayloadFloats(tb), b->info.num_elements);
+    AccumulateInto(tb.dtype(), tb.data(), b->accum.data(), b->info.num_elements);
   }
   bool apply = false;
   int contributors = 0;
@@ -400,8 +401,16 @@ void ShardStore::ApplyDirect(const PushRequest& request) {
     slots.clear();
     for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
     ++b->updates;
-    optimizer_->Apply(b->updates, lr, b->params.data(), PayloadFloats(tb),
-                      slots.data(), b->info.num_elements);
+    const float* grad = PayloadFloats(tb);
+    if (tb.dtype() != tessera::v1::F32) {
+      // Compressed gradients are widened into the block's scratch buffer;
+      // the optimizer always works in F32.
+      if (b->scratch.size() == 0) b->scratch = AlignedBuffer(b->info.num_elements);
+      DecodeF32(tb.dtype(), tb.data(), b->scratch.span()).IgnoreError();  // validated
+      grad = b->scratch.data();
+    }
+    optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots.data(),
+                      b->info.num_elements);
   }
 }
 
@@ -456,9 +465,9 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
         static_cast<int>(i) < out->blocks_size() ? out->mutable_blocks(i)
                                                  : out->add_blocks();
     tb->set_block_id(b->info.id);
-    tb->set_dtype(tessera::v1::F32);
+    tb->set_dtype(wire_dtype_);
     absl::MutexLock lock(&b->mu);
-    EncodeF32(b->params.span(), tb->mutable_data());
+    Encode(wire_dtype_, b->params.span(), tb->mutable_data());
   }
   return absl::OkStatus();
 }

@@ -123,6 +123,7 @@ class ShardStore {
     AlignedBuffer params ABSL_GUARDED_BY(mu);
     std::vector<AlignedBuffer> slots ABSL_GUARDED_BY(mu);
     AlignedBuffer accum ABSL_GUARDED_BY(mu);  // SYNC: sum of this step's grads
+    AlignedBuffer scratch ABSL_GUARDED_BY(mu);  // compressed gradients, widened
     int64_t updates ABSL_GUARDED_BY(mu) = 0;
   };
   // Per-worker state, indexed by worker id.
@@ -156,6 +157,7 @@ class ShardStore {
   const tessera::v1::JobSpec job_;
   const int shard_;
   const tessera::v1::ConsistencyMode mode_;
+  const tessera::v1::DType wire_dtype_;  // of pulled parameters
   const Partition partition_;
   const std::unique_ptr<Optimizer> optimizer_;
   // Indexed by block id; null for blocks of other shards.

@@ -343,6 +343,42 @@ TEST(ShardStoreTest, ShutdownWakesWaitingPulls) {
   EXPECT_EQ(waited.code(), absl::StatusCode::kUnavailable);
 }
 
+TEST(ShardStoreTest, Bf16PushesAndPullsKeepF32State) {
+  JobSpec job = ExactSumJob(tessera::v1::ASYNC, 1);
+  job.set_wire_dtype(tessera::v1::BF16);
+  auto store = ShardStore::Create(job, 0);
+  ASSERT_TRUE(store.ok());
+  std::vector<float> before(10);
+  {
+    tessera::v1::PullResult pull;
+    ASSERT_TRUE((*store)->Pull(0, absl::ZeroDuration(), &pull).ok());
+    for (const auto& tb : pull.blocks()) {
+      EXPECT_EQ(tb.dtype(), tessera::v1::BF16);
+      EXPECT_EQ(tb.data().size(), 2 * (*store)->partition().blocks()[tb.block_id()].num_elements);
+    }
+  }
+  const ShardState start = (*store)->Snapshot();
+  PushRequest push = FullPush(**store, 0, 1.0f);
+  for (auto& tb : *push.mutable_blocks()) {
+    std::vector<float> ones(tb.data().size() / 4, 1.0f);
+    tb.set_dtype(tessera::v1::BF16);
+    EncodeBF16(ones, tb.mutable_data());
+  }
+  auto outcome = (*store)->Push(0, 1, push);
+  ASSERT_TRUE(outcome.ok()) << outcome.status();
+  // The F32 parameters moved by exactly one: no rounding to BF16 on the server.
+  const ShardState end = (*store)->Snapshot();
+  for (size_t b = 0; b < end.blocks.size(); ++b) {
+    for (size_t i = 0; i < end.blocks[b].params.size(); ++i) {
+      EXPECT_EQ(end.blocks[b].params[i], start.blocks[b].params[i] - 1.0f);
+    }
+  }
+  // A BF16 block of F32 length is refused.
+  PushRequest wrong = FullPush(**store, 1, 1.0f);
+  wrong.mutable_blocks(0)->set_dtype(tessera::v1::BF16);
+  EXPECT_EQ((*store)->Push(0, 1, wrong).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ShardStoreTest, CreateRejectsBadShard) {
   EXPECT_EQ(ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1, 2), 2).status().code(),
             absl::StatusCode::kInvalidArgument);

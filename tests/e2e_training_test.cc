@@ -85,6 +85,19 @@ TEST_F(FashionMnistTest, SspReaches084In3Epochs) {
   EXPECT_NE(json.find("\"mode\": \"ssp\""), std::string::npos);
 }
 
+TEST_F(FashionMnistTest, Bf16OnTheWireHalvesTheBytesAndKeepsAccuracy) {
+  const std::string f32 = Train({"--workers=2", "--epochs=3", "--mode=sync"});
+  const std::string bf16 = Train({"--workers=2", "--epochs=3", "--mode=sync", "--wire_dtype=bf16"});
+  EXPECT_NE(bf16.find("\"wire_dtype\": \"BF16\""), std::string::npos) << bf16;
+  const double ratio =
+      JsonNumber(f32, "payload_bytes_per_step") / JsonNumber(bf16, "payload_bytes_per_step");
+  std::cout << "bytes per step f32/bf16: " << ratio << ", accuracy f32 "
+            << JsonNumber(f32, "test_accuracy") << " bf16 " << JsonNumber(bf16, "test_accuracy")
+            << "\n";
+  EXPECT_GE(ratio, 1.6);
+  EXPECT_LE(std::abs(JsonNumber(f32, "test_accuracy") - JsonNumber(bf16, "test_accuracy")), 0.005);
+}
+
 std::vector<float> ReadFloats(const std::string& path) {
   const std::string bytes = ReadFile(path);
   std::vector<float> out(bytes.size() / sizeof(float));

@@ -116,8 +116,11 @@ TEST(LifecycleTest, SigtermDuringTrainingExitsZeroQuickly) {
   std::vector<std::unique_ptr<Subprocess>> workers;
   for (int r = 0; r < 2; ++r) {
     SpawnOptions opt;
+    // Workers retry a vanished server; here it is not coming back, so a
+    // short retry window makes them give up instead of waiting it out.
     opt.argv = {Bin("tessera-worker"), absl::StrCat("--rank=", r),
-                "--servers=" + shard0->address() + "," + shard1->address()};
+                "--servers=" + shard0->address() + "," + shard1->address(),
+                "--retry_timeout_s=3"};
     opt.argv.insert(opt.argv.end(), job.begin(), job.end());
     opt.stdout_path = opt.stderr_path = absl::StrCat(dir, "/worker-", r, ".log");
     auto p = Subprocess::Spawn(opt);
@@ -141,7 +144,8 @@ TEST(LifecycleTest, SigtermDuringTrainingExitsZeroQuickly) {
   EXPECT_EQ(*status, 0) << shard0->log();
   EXPECT_LT(absl::Now() - sent, absl::Seconds(10));
   EXPECT_TRUE(absl::StrContains(shard0->log(), "stopped")) << shard0->log();
-  // Workers notice the server going away and exit instead of hanging.
+  // Workers notice the server going away, retry, give up and exit instead
+  // of hanging.
   for (auto& w : workers) {
     std::optional<int> ws = w->Wait(absl::Seconds(20));
     ASSERT_TRUE(ws.has_value()) << "a worker hung after its server stopped";

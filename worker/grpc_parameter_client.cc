@@ -61,6 +61,9 @@ class ShardStream {
     return StartSession();
   }
 
+  // Tensor payload bytes pushed plus pulled on this stream so far.
+  int64_t payload_bytes() const { return payload_bytes_; }
+
   // Pull request for `step`; decodes into `params`.
   absl::Status Pull(int64_t step, absl::Span<float> params, int64_t* version) {
     request_.Clear();
@@ -85,8 +88,10 @@ class ShardStream {
                                          ? push->mutable_blocks(i)
                                          : push->add_blocks();
       tb->set_block_id(b.id);
-      tb->set_dtype(tessera::v1::F32);
-      EncodeF32(grads.subspan(b.flat_offset, b.num_elements), tb->mutable_data());
+      tb->set_dtype(options_.wire_dtype);
+      Encode(options_.wire_dtype, grads.subspan(b.flat_offset, b.num_elements),
+             tb->mutable_data());
+      payload_bytes_ += static_cast<int64_t>(tb->data().size());
     }
     TESSERA_RETURN_IF_ERROR(Call(&push_));
     *applied = reply_.push().applied();
@@ -186,6 +191,7 @@ class ShardStream {
             absl::StrCat(Where(), ": sent block ", tb.block_id(), " it does not own"));
       }
       const BlockInfo& b = partition_.blocks()[tb.block_id()];
+      payload_bytes_ += static_cast<int64_t>(tb.data().size());
       TESSERA_RETURN_IF_ERROR(Annotate(
           DecodeF32(tb.dtype(), tb.data(), params.subspan(b.flat_offset, b.num_elements)),
           absl::StrCat(Where(), " block ", b.id)));
@@ -205,6 +211,7 @@ class ShardStream {
   std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received
+  int64_t payload_bytes_ = 0;  // pushed plus pulled
   ClientMessage request_;
   ClientMessage push_;
   ServerMessage reply_;
@@ -300,6 +307,12 @@ class GrpcParameterClient final : public ParameterClient {
       return shards_[s]->Pull(step, params, &versions_[s]);
     }));
     return *std::min_element(versions_.begin(), versions_.end());
+  }
+
+  int64_t payload_bytes() const override {
+    int64_t total = 0;
+    for (const auto& s : shards_) total += s->payload_bytes();
+    return total;
   }
 
   absl::StatusOr<int> PushAndPull(int64_t step, absl::Span<const float> grads,

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/partition.h"
+#include "proto/tessera.pb.h"
 #include "worker/parameter_client.h"
 
 namespace tessera {
@@ -23,6 +24,8 @@ struct GrpcClientOptions {
   uint64_t job_hash = 0;
   // Largest message the client accepts (a shard's parameters plus slack).
   int max_message_bytes = 64 << 20;
+  // Element type of pushed gradients (F32 or BF16).
+  tessera::v1::DType wire_dtype = tessera::v1::F32;
   // Channel credentials (TLS, tokens); null means plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   // How long to wait for each server to accept a connection.

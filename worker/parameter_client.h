@@ -30,6 +30,10 @@ class ParameterClient {
   virtual absl::StatusOr<int> PushAndPull(int64_t step,
                                           absl::Span<const float> grads,
                                           absl::Span<float> params) = 0;
+
+  // Tensor payload bytes sent plus received so far (0 where nothing
+  // travels over a wire).
+  virtual int64_t payload_bytes() const { return 0; }
 };
 
 }  // namespace tessera

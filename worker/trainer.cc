@@ -106,12 +106,14 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"test_loss\": %.6g, \"val_loss\": [%s], \"epochs\": %d, "
                         "\"steps\": %d, \"samples_per_sec\": %.6g, \"wall_seconds\": %.6g, "
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
-                        "\"batch_size\": %d, \"duplicate_acks\": %d}\n",
+                        "\"batch_size\": %d, \"duplicate_acks\": %d, "
+                        "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\"}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
                         job.num_workers(), job.num_shards(), job.batch_size(),
-                        s.duplicate_acks);
+                        s.duplicate_acks, s.payload_bytes_per_step,
+                        tessera::v1::DType_Name(job.wire_dtype()));
   return json;
 }
 
@@ -211,6 +213,10 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     }
   }
   summary.wall_seconds = absl::ToDoubleSeconds(absl::Now() - run_start);
+  if (summary.steps > 0) {
+    summary.payload_bytes_per_step =
+        static_cast<double>(client->payload_bytes()) / static_cast<double>(summary.steps);
+  }
   summary.samples_per_sec =
       summary.wall_seconds > 0 ? samples_seen / summary.wall_seconds : 0;
   if (!summary.epochs.empty()) {

@@ -55,6 +55,7 @@ struct TrainSummary {
   std::vector<EpochStats> epochs;
   int64_t steps = 0;
   int64_t duplicate_acks = 0;  // pushes acknowledged without effect
+  double payload_bytes_per_step = 0;  // tensor bytes pushed + pulled per step
   double wall_seconds = 0;
   double samples_per_sec = 0;  // all workers, whole run
   double test_loss = 0;

@@ -54,6 +54,9 @@ ABSL_FLAG(std::optional<bool>, evaluate, std::nullopt,
           "Evaluate on the held-out set after each epoch and print the epoch "
           "lines (default: only rank 0 does).");
 ABSL_FLAG(int32_t, connect_timeout_s, 60, "Seconds to wait for each server.");
+ABSL_FLAG(int32_t, retry_timeout_s, 120,
+          "Seconds a request keeps retrying while its server is unreachable or "
+          "restarting, before the worker gives up.");
 ABSL_FLAG(std::string, logdir, "",
           "Write TensorBoard event files (loss curves) to this folder; only "
           "rank 0 writes.");
@@ -208,7 +211,9 @@ int main(int argc, char** argv) {
   client_options.incarnation = reg_reply.incarnation();
   client_options.job_hash = job_hash;
   client_options.credentials = *credentials;
+  client_options.wire_dtype = job->wire_dtype();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
+  client_options.retry_timeout = absl::Seconds(absl::GetFlag(FLAGS_retry_timeout_s));
   int64_t largest_shard = 0;
   for (int s = 0; s < job->num_shards(); ++s) {
     largest_shard = std::max(largest_shard, partition->shard_bytes(s));
