@@ -211,6 +211,21 @@ absl::StatusOr<std::string> WriteShardCheckpoint(const std::string& dir,
   return path;
 }
 
+int RemoveStaleTemporaries(const std::string& dir, int shard) {
+  int removed = 0;
+  const std::string mine = absl::StrCat("shard-", shard, "-of-");
+  for (int64_t step : ListSteps(dir)) {
+    const std::string step_dir = absl::StrCat(dir, "/", StepDirName(step));
+    for (const std::string& f : ListFiles(step_dir)) {
+      if (absl::StartsWith(f, mine) && absl::EndsWith(f, ".safetensors.tmp") &&
+          unlink(absl::StrCat(step_dir, "/", f).c_str()) == 0) {
+        ++removed;
+      }
+    }
+  }
+  return removed;
+}
+
 absl::StatusOr<std::optional<RestoredModel>> LoadLatestCheckpoint(
     const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
     int num_slots, std::vector<std::string>* skipped) {

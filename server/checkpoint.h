@@ -68,6 +68,10 @@ struct RestoredModel {
   std::vector<int64_t> updates;
 };
 
+// Deletes this shard's temporary files (`*.safetensors.tmp`) left in `dir`
+// by a write that was cut short; returns how many it removed.
+int RemoveStaleTemporaries(const std::string& dir, int shard);
+
 // Loads the newest complete checkpoint in `dir`, skipping incomplete or
 // corrupt ones (each skipped folder is reported in `skipped`, if given).
 // nullopt when there is none. kFailedPrecondition when the newest complete

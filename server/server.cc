@@ -35,6 +35,10 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
     info.optimizer_type = tessera::v1::OptimizerType_Name(job.optimizer().type());
     info.shard = options.shard;
     info.num_shards = job.num_shards();
+    if (int stale = RemoveStaleTemporaries(job.checkpoint().dir(), options.shard); stale > 0) {
+      std::cerr << "tessera-server: shard " << options.shard << " removed " << stale
+                << " partial checkpoint file(s) left by an interrupted write" << std::endl;
+    }
     std::vector<std::string> skipped;
     absl::StatusOr<std::optional<RestoredModel>> restored = LoadLatestCheckpoint(
         job.checkpoint().dir(), info, model, s->store_->num_slots(), &skipped);
