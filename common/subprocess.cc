@@ -55,7 +55,13 @@ absl::StatusOr<std::unique_ptr<Subprocess>> Subprocess::Spawn(
     if (getppid() != parent) _exit(127);  // the parent died before prctl
     sigprocmask(SIG_SETMASK, &empty, nullptr);
     RedirectOrDie(options.stdout_path, STDOUT_FILENO);
-    RedirectOrDie(options.stderr_path, STDERR_FILENO);
+    if (!options.stderr_path.empty() && options.stderr_path == options.stdout_path) {
+      // One file for both: share one open file (and offset), or the two
+      // streams overwrite each other's bytes.
+      if (dup2(STDOUT_FILENO, STDERR_FILENO) < 0) _exit(127);
+    } else {
+      RedirectOrDie(options.stderr_path, STDERR_FILENO);
+    }
     execv(argv[0], argv.data());
     _exit(127);
   }
