@@ -3,6 +3,10 @@
 #ifndef TESSERA_TESTS_CLUSTER_UTIL_H_
 #define TESSERA_TESTS_CLUSTER_UTIL_H_
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -18,6 +22,20 @@ namespace tessera {
 namespace testing_util {
 
 inline std::string BinDir() { return TESSERA_BIN_DIR; }
+
+// A port on 127.0.0.1 that was free a moment ago (bound to 0, released),
+// for processes that must be restarted on the same address.
+inline int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
 inline std::string SourceDir() { return TESSERA_SOURCE_DIR; }
 inline std::string Bin(const std::string& name) { return BinDir() + "/" + name; }
 

@@ -17,21 +17,11 @@ namespace tessera {
 namespace {
 
 using testing_util::Bin;
+using testing_util::FreePort;
 using testing_util::NewTempDir;
 using testing_util::ReadFile;
 using testing_util::SourceDir;
 
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 // A two-server, two-worker synchronous Fashion-MNIST cluster whose
 // processes the test can kill, freeze and restart.

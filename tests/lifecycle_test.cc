@@ -16,6 +16,7 @@ namespace tessera {
 namespace {
 
 using testing_util::Bin;
+using testing_util::FreePort;
 using testing_util::NewTempDir;
 using testing_util::ReadFile;
 using testing_util::RunProgram;
@@ -25,18 +26,6 @@ using testing_util::SourceDir;
 
 std::string SeedJob() { return SourceDir() + "/examples/seed_regression.textproto"; }
 
-// A port that was free a moment ago (bound to 0, then released).
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 RunResult Health(const std::string& address, const std::string& dir) {
   return RunProgram({Bin("tessera"), "health", address}, dir, absl::Seconds(10));

@@ -152,17 +152,7 @@ TEST_F(MetricsTest, EveryProcessServesValidMetrics) {
 }
 
 TEST_F(MetricsTest, PrometheusScrapesTheCluster) {
-  const int port = [] {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    socklen_t len = sizeof(addr);
-    getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-    close(fd);
-    return ntohs(addr.sin_port);
-  }();
+  const int port = testing_util::FreePort();
   std::string targets;
   for (int p : metrics_ports_) absl::StrAppend(&targets, targets.empty() ? "" : ", ", "'127.0.0.1:", p, "'");
   WriteFile(dir_ + "/prometheus.yml",
