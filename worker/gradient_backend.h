@@ -8,7 +8,9 @@
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
+#include "common/model_spec.h"
 
 namespace tessera {
 
@@ -56,6 +58,41 @@ class GradientBackend {
   virtual absl::StatusOr<EvalResult> Evaluate(absl::Span<const float> params,
                                               const Batch& batch) = 0;
 };
+
+// The checks both implementations make before touching any buffer: the
+// parameter count, 1 <= rows <= max_batch, the input pointers the loss
+// needs, and every label within [0, output_dim). kInvalidArgument naming
+// the problem.
+inline absl::Status ValidateBatch(LossKind loss, int64_t total_params, int64_t max_batch,
+                                  int64_t output_dim, absl::Span<const float> params,
+                                  const Batch& batch) {
+  if (params.size() != static_cast<size_t>(total_params)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "params has ", params.size(), " floats, model has ", total_params, " parameters"));
+  }
+  if (batch.rows <= 0 || batch.rows > max_batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch rows ", batch.rows, " outside [1, ", max_batch, "] (max_batch)"));
+  }
+  if (batch.features == nullptr) return absl::InvalidArgumentError("batch features is null");
+  if (loss == LossKind::kMeanSquaredError) {
+    if (batch.targets == nullptr) {
+      return absl::InvalidArgumentError("batch targets is null but the loss is mean squared error");
+    }
+    return absl::OkStatus();
+  }
+  if (batch.labels == nullptr) {
+    return absl::InvalidArgumentError("batch labels is null but the loss is softmax cross-entropy");
+  }
+  for (int64_t r = 0; r < batch.rows; ++r) {
+    const int32_t label = batch.labels[r];
+    if (label < 0 || label >= output_dim) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch label ", label, " at row ", r, " outside [0, ", output_dim, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace tessera
 

@@ -250,38 +250,7 @@ class CudaBackend final : public GradientBackend {
   }
 
   absl::Status Validate(absl::Span<const float> params, const Batch& batch) const {
-    if (params.size() != static_cast<size_t>(total_params_)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "params has ", params.size(), " floats, model has ", total_params_, " parameters"));
-    }
-    if (batch.rows <= 0 || batch.rows > max_batch_) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("batch rows ", batch.rows, " outside [1, ", max_batch_, "] (max_batch)"));
-    }
-    if (batch.features == nullptr) {
-      return absl::InvalidArgumentError("batch features is null");
-    }
-    if (loss_ == LossKind::kMeanSquaredError) {
-      if (batch.targets == nullptr) {
-        return absl::InvalidArgumentError(
-            "batch targets is null but the loss is mean squared error");
-      }
-      return absl::OkStatus();
-    }
-    if (batch.labels == nullptr) {
-      return absl::InvalidArgumentError(
-          "batch labels is null but the loss is softmax cross-entropy");
-    }
-    // Checked here rather than on the device, which would have to report
-    // back before the step could fail cleanly.
-    for (int64_t r = 0; r < batch.rows; ++r) {
-      const int32_t label = batch.labels[r];
-      if (label < 0 || label >= output_dim()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("batch label ", label, " at row ", r, " outside [0, ", output_dim(), ")"));
-      }
-    }
-    return absl::OkStatus();
+    return ValidateBatch(loss_, total_params_, max_batch_, output_dim(), params, batch);
   }
 
   // A call that failed half-way may have left copies in flight that still
