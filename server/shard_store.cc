@@ -141,7 +141,9 @@ absl::Status ShardStore::Connect(int worker, int64_t incarnation) {
   if (incarnation > w.incarnation) {
     w.incarnation = incarnation;
     w.last_step = -1;
+    w.streams = 0;
   }
+  ++w.streams;
   w.live = true;
   return absl::OkStatus();
 }
@@ -154,7 +156,11 @@ void ShardStore::Disconnect(int worker, int64_t incarnation) {
     absl::MutexLock lock(&mu_);
     if (worker < 0 || worker >= static_cast<int>(workers_.size())) return;
     WorkerState& w = workers_[worker];
-    if (w.incarnation != incarnation) return;  // a newer stream took over
+    if (w.incarnation != incarnation) return;  // a newer incarnation took over
+    // A worker that reconnected (same incarnation) before its old stream's
+    // end was noticed is still here: only its last stream's end counts.
+    w.streams = std::max(0, w.streams - 1);
+    if (w.streams > 0) return;
     w.live = false;
     // Streams also end because this server is stopping; then no step may
     // complete short-handed: the final checkpoint holds whole steps only.

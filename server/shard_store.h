@@ -131,6 +131,7 @@ class ShardStore {
     int64_t incarnation = 0;
     int64_t last_step = -1;  // highest step pushed by this incarnation
     int64_t clock = 0;       // SSP/ASYNC: steps completed
+    int streams = 0;         // open streams of this incarnation
     bool live = true;
   };
 

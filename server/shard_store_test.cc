@@ -183,6 +183,24 @@ TEST(ShardStoreTest, DepartedWorkerLeavesTheBarrier) {
   ExpectShifted(after_first, AllParams(**store), 1.0f);
 }
 
+TEST(ShardStoreTest, LateEndOfAReplacedStreamDoesNotDropTheWorker) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Connect(0, 1).ok());
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  // Worker 1 reconnects on a new stream; the old stream's end is noticed
+  // only afterwards.
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  (*store)->Disconnect(1, 1);
+  EXPECT_EQ((*store)->stats().live_workers, 2);
+  // So a push from worker 0 alone does not complete the step.
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 0);
+  (*store)->Disconnect(1, 1);  // now its last stream ends
+  EXPECT_EQ((*store)->stats().live_workers, 1);
+  EXPECT_EQ((*store)->stats().version, 1);
+}
+
 TEST(ShardStoreTest, StaleIncarnationIsRejected) {
   auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 1), 0);
   ASSERT_TRUE(store.ok());

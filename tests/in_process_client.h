@@ -32,8 +32,8 @@ class InProcessClient final : public ParameterClient {
     return version;
   }
 
-  absl::StatusOr<int> PushAndPull(int64_t step, absl::Span<const float> grads,
-                                  absl::Span<float> params) override {
+  absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
+                                             absl::Span<float> params) override {
     int not_applied = 0;
     for (ShardStore* s : stores_) {
       tessera::v1::PushRequest push;
@@ -48,8 +48,8 @@ class InProcessClient final : public ParameterClient {
       TESSERA_ASSIGN_OR_RETURN(PushOutcome outcome, s->Push(worker_, incarnation_, push));
       not_applied += outcome.applied ? 0 : 1;
     }
-    TESSERA_RETURN_IF_ERROR(Pull(step + 1, params).status());
-    return not_applied;
+    TESSERA_ASSIGN_OR_RETURN(const int64_t version, Pull(step + 1, params));
+    return PushPullResult{not_applied, version};
   }
 
  private:

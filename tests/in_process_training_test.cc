@@ -122,5 +122,48 @@ TEST(InProcessTrainingTest, EveryModeLearnsTheSeedRegression) {
   }
 }
 
+// Parameters that stay put, and a version that jumps ahead once: what a
+// synchronous worker sees after being cut off while the others went on.
+class JumpingClient final : public ParameterClient {
+ public:
+  JumpingClient(int64_t jump_at, int64_t jump_to) : jump_at_(jump_at), jump_to_(jump_to) {}
+  absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) override { return 0; }
+  absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
+                                             absl::Span<float> params) override {
+    pushed.push_back(step);
+    if (step == jump_at_) return PushPullResult{2, jump_to_};
+    return PushPullResult{0, step + 1};
+  }
+  std::vector<int64_t> pushed;
+
+ private:
+  const int64_t jump_at_, jump_to_;
+};
+
+TEST(InProcessTrainingTest, SyncWorkerThatFellBehindSkipsClosedSteps) {
+  JobSpec job = RegressionJob(2, 8, tessera::v1::SYNC);  // 50 steps per epoch
+  job.set_epochs(2);
+  auto model = ParseModelSpec(job.model(), JobLoss(job));
+  ASSERT_TRUE(model.ok());
+  auto data = LoadJobData(job, *model);
+  ASSERT_TRUE(data.ok());
+  auto backend = CreateCpuBackend(*model, 512);
+  ASSERT_TRUE(backend.ok());
+  JumpingClient client(/*jump_at=*/5, /*jump_to=*/70);
+  TrainerOptions options;
+  auto summary = Train(job, *model, data->train, data->test, backend->get(), &client, options);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  // Steps 6..69 were closed by the others: not replayed.
+  ASSERT_GE(client.pushed.size(), 8u);
+  EXPECT_EQ(client.pushed[5], 5);
+  EXPECT_EQ(client.pushed[6], 70);
+  EXPECT_EQ(client.pushed.back(), 99);
+  EXPECT_EQ(summary->skipped_steps, 64);
+  EXPECT_EQ(summary->steps, 100 - 64);
+  EXPECT_EQ(summary->duplicate_acks, 2);
+  // Both epochs still end with an evaluation.
+  EXPECT_EQ(summary->epochs.size(), 2u);
+}
+
 }  // namespace
 }  // namespace tessera

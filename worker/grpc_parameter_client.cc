@@ -74,7 +74,7 @@ class ShardStream {
 
   // Fused push-pull.
   absl::Status PushAndPull(int64_t step, absl::Span<const float> grads,
-                           absl::Span<float> params, bool* applied) {
+                           absl::Span<float> params, bool* applied, int64_t* version) {
     // The push message keeps its block buffers from step to step; only the
     // payload bytes are rewritten.
     const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
@@ -95,8 +95,7 @@ class ShardStream {
     }
     TESSERA_RETURN_IF_ERROR(Call(&push_));
     *applied = reply_.push().applied();
-    int64_t version;
-    return Decode(params, &version);
+    return Decode(params, version);
   }
 
  private:
@@ -315,19 +314,20 @@ class GrpcParameterClient final : public ParameterClient {
     return total;
   }
 
-  absl::StatusOr<int> PushAndPull(int64_t step, absl::Span<const float> grads,
-                                  absl::Span<float> params) override {
+  absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
+                                             absl::Span<float> params) override {
     TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
     TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
       bool applied = false;
-      absl::Status st = shards_[s]->PushAndPull(step, grads, params, &applied);
+      absl::Status st = shards_[s]->PushAndPull(step, grads, params, &applied, &versions_[s]);
       applied_[s] = applied ? 1 : 0;
       return st;
     }));
-    int not_applied = 0;
-    for (char a : applied_) not_applied += a ? 0 : 1;
-    return not_applied;
+    PushPullResult r;
+    for (char a : applied_) r.not_applied += a ? 0 : 1;
+    r.version = *std::min_element(versions_.begin(), versions_.end());
+    return r;
   }
 
  private:

@@ -23,13 +23,20 @@ class ParameterClient {
   // version reported by the shards.
   virtual absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) = 0;
 
+  struct PushPullResult {
+    // Shards that acknowledged the push without applying it (duplicates or
+    // closed steps).
+    int not_applied = 0;
+    // Smallest version among the parameters received (SYNC: the step they
+    // belong to, step + 1 or more when the others went on without us).
+    int64_t version = 0;
+  };
+
   // Pushes the gradients of `step` to every shard and fills `params` with
-  // the parameters for step + 1 (fused push-pull). Returns the number of
-  // shards that acknowledged the push without applying it (duplicates or
-  // closed steps).
-  virtual absl::StatusOr<int> PushAndPull(int64_t step,
-                                          absl::Span<const float> grads,
-                                          absl::Span<float> params) = 0;
+  // the parameters for step + 1 or later (fused push-pull).
+  virtual absl::StatusOr<PushPullResult> PushAndPull(int64_t step,
+                                                     absl::Span<const float> grads,
+                                                     absl::Span<float> params) = 0;
 
   // Tensor payload bytes sent plus received so far (0 where nothing
   // travels over a wire).

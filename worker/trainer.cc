@@ -107,13 +107,14 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"steps\": %d, \"samples_per_sec\": %.6g, \"wall_seconds\": %.6g, "
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
                         "\"batch_size\": %d, \"duplicate_acks\": %d, "
-                        "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\"}\n",
+                        "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
+                        "\"skipped_steps\": %d}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
                         job.num_workers(), job.num_shards(), job.batch_size(),
                         s.duplicate_acks, s.payload_bytes_per_step,
-                        tessera::v1::DType_Name(job.wire_dtype()));
+                        tessera::v1::DType_Name(job.wire_dtype()), s.skipped_steps);
   return json;
 }
 
@@ -152,11 +153,14 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
   double loss_sum = 0;
   int64_t loss_count = 0;
   int64_t samples_seen = 0;
+  int permutation_epoch = -1;
+  const bool sync = job.consistency().mode() == tessera::v1::SYNC;
   for (int64_t step = first_step; step < total_steps; ++step) {
     const int epoch = static_cast<int>(step / steps_per_epoch);
     const int64_t in_epoch = step % steps_per_epoch;
-    if (in_epoch == 0 || step == first_step) {
+    if (epoch != permutation_epoch) {
       permutation = EpochPermutation(train.rows, job.seed(), epoch);
+      permutation_epoch = epoch;
       epoch_start = absl::Now();
       loss_sum = 0;
       loss_count = 0;
@@ -167,9 +171,9 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
         const float loss,
         backend->ComputeGradients(params, b, absl::MakeSpan(grads)));
     TESSERA_ASSIGN_OR_RETURN(
-        const int not_applied,
+        const ParameterClient::PushPullResult exchanged,
         client->PushAndPull(step, grads, absl::MakeSpan(params)));
-    summary.duplicate_acks += not_applied;
+    summary.duplicate_acks += exchanged.not_applied;
     ++summary.steps;
     samples_seen += static_cast<int64_t>(batch) * workers;
     loss_sum += loss;
@@ -180,11 +184,21 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       TESSERA_RETURN_IF_ERROR(options.events->AddScalar("train/loss", step + 1, loss));
     }
 
-    const bool epoch_end = in_epoch == steps_per_epoch - 1 || step == total_steps - 1;
+    // A synchronous worker that was cut off while the others went on gets
+    // parameters several steps ahead: it continues from there instead of
+    // replaying steps that are already closed (and holding everyone up).
+    const int64_t next = exchanged.version;
+    const bool skipping = sync && next > step + 1;
+    const bool epoch_end = in_epoch == steps_per_epoch - 1 || step == total_steps - 1 ||
+                           (skipping && next / steps_per_epoch != epoch);
     if (options.progress_bar && options.out != nullptr && !epoch_end &&
         absl::Now() - last_draw > absl::Milliseconds(100)) {
       DrawProgress(*options.out, in_epoch + 1, steps_per_epoch, mean_loss);
       last_draw = absl::Now();
+    }
+    if (skipping) {
+      summary.skipped_steps += next - (step + 1);
+      step = std::min(next, total_steps) - 1;  // the loop's ++step lands on `next`
     }
     if (!epoch_end) continue;
 

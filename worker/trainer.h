@@ -56,6 +56,7 @@ struct TrainSummary {
   int64_t steps = 0;
   int64_t duplicate_acks = 0;  // pushes acknowledged without effect
   double payload_bytes_per_step = 0;  // tensor bytes pushed + pulled per step
+  int64_t skipped_steps = 0;  // SYNC: steps the others finished while we were cut off
   double wall_seconds = 0;
   double samples_per_sec = 0;  // all workers, whole run
   double test_loss = 0;
