@@ -37,6 +37,7 @@ void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* a
 // True when every element of an F32 or BF16 payload of `n` elements is
 // finite.
 bool PayloadFinite(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
+bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n);
 
 // Returns true when every value is finite (no NaN, no +-Inf).
 bool AllFinite(absl::Span<const float> values);
