@@ -7,13 +7,14 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 CTEST_FLAGS ?=
+FUZZ_SECONDS ?= 60
 
 DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
 	libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
 	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev prometheus-cpp-dev libcpp-httplib-dev prometheus \
-	dataset-fashion-mnist python3 python3-numpy python3-protobuf iproute2 docker-compose
+	dataset-fashion-mnist python3 python3-numpy python3-protobuf iproute2 iptables docker-compose
 
-.PHONY: all deps build test validate-deploy demo seed bench clean
+.PHONY: all deps build test validate-deploy demo seed bench clean asan tsan fuzz
 
 all: build
 
@@ -62,8 +63,51 @@ demo: build
 seed: build
 	$(BUILD_DIR)/bin/tessera local --job=examples/seed_regression.textproto --servers=2 --workers=2
 
+# Benchmarks beside the baselines measured in the same run (iperf3, memcpy,
+# PyTorch DDP): transport, apply, end-to-end and scaling. Writes
+# bench/results/ (report.md, results.json, PNG plots) and prints a summary.
+# BENCH_FLAGS="--profile" adds a perf profile; "--quick" is a smoke test.
+BENCH_PACKAGES := iperf3 gnuplot-nox libopenblas0-pthread
+BENCH_FLAGS ?=
 bench: build
-	python3 bench/fmnist_vs_ddp.py --build_dir=$(BUILD_DIR)
+	@missing=$$(for p in $(BENCH_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing:" $$missing; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	/usr/bin/python3 bench/run_all.py --build_dir=$(BUILD_DIR) $(BENCH_FLAGS)
+
+# Sanitizer builds, each in its own folder (build-asan, build-tsan,
+# build-fuzz), run by tools/sanitize/run.sh, which holds the sanitizer
+# options and prints every report any process wrote:
+#   asan  ASan + UBSan, ctest -LE gpu; fails on any report
+#   tsan  TSan with tools/sanitize/tsan.supp (halt_on_error=1), ctest -LE gpu,
+#         including a planted race TSan must still catch (tsan_canary_test)
+#   fuzz  libFuzzer (clang-14): every target in fuzz/ for FUZZ_SECONDS each;
+#         fails on any crash, and prints executions and crashes per target
+asan: deps
+	JOBS=$(JOBS) CTEST_FLAGS="$(CTEST_FLAGS)" bash tools/sanitize/run.sh asan
+
+tsan: deps
+	JOBS=$(JOBS) CTEST_FLAGS="$(CTEST_FLAGS)" bash tools/sanitize/run.sh tsan
+
+fuzz: deps
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="clang-14 libclang-rt-14-dev"
+	JOBS=$(JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) bash tools/sanitize/run.sh fuzz
 
 clean:
 	rm -rf $(BUILD_DIR)
+
+# Network-fault scenarios of tests/chaos/ (RELIABILITY.md figures: partition,
+# random loss, bandwidth cap, exact-sum oracle), one after another, each in
+# its own network namespaces and bounded in time; prints every scenario's
+# PASS/FAIL lines and a summary. Needs root. CHAOS_SCENARIOS picks a subset.
+CHAOS_SCENARIOS ?= quick_partition partition loss bandwidth exact_sum
+.PHONY: chaos
+chaos: build
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="iproute2 iptables python3-grpcio"
+	bash tests/chaos/run_all.sh $(BUILD_DIR)/bin $(CHAOS_SCENARIOS)

@@ -1,0 +1,162 @@
+// Fuzzes the Hello path of a Session (ShardStore::Connect with the worker id
+// and incarnation a Hello names) and the stream's end (Disconnect), mixed
+// with well-formed pushes and pulls that move the barrier, against a model
+// of the membership rules:
+//   Connect(w, i): kInvalidArgument unless 0 <= w < num_workers;
+//                  kFailedPrecondition when i is older than w's incarnation;
+//                  otherwise w adopts i and is live.
+//   Disconnect(w, i): w leaves the barrier when i is its current incarnation.
+//   Push(w, i) (valid): the same id and incarnation rules as Connect, after
+//                  which w is live whatever the step.
+// Invariants: every status matches the model, live_workers equals the
+// model's count (so always within [0, num_workers]), the version never goes
+// back, parameters stay finite, and a snapshot at the end does not wait.
+
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/tensor_codec.h"
+#include "fuzz/fuzz_util.h"
+#include "server/shard_store.h"
+
+namespace tessera::fuzz {
+namespace {
+
+constexpr int kNumWorkers = 3;
+constexpr int kShard = 0;
+constexpr int kMaxOps = 256;
+
+struct ModelWorker {
+  int64_t incarnation = 0;
+  bool live = true;  // a store starts with every worker counted
+};
+
+int WorkerId(FuzzedDataProvider& in) {
+  if (in.ConsumeBool()) return in.ConsumeIntegral<int32_t>();
+  return in.ConsumeIntegralInRange<int>(-1, kNumWorkers);
+}
+
+int64_t Incarnation(FuzzedDataProvider& in) {
+  if (in.ConsumeBool()) return in.ConsumeIntegral<int64_t>();
+  return in.ConsumeIntegralInRange<int64_t>(-1, 4);
+}
+
+// A well-formed push of `value` for every block the shard owns.
+tessera::v1::PushRequest FullPush(const ShardStore& store, int64_t step, float value) {
+  tessera::v1::PushRequest push;
+  push.set_step(step);
+  for (uint32_t id : store.partition().shard_blocks(kShard)) {
+    tessera::v1::TensorBlock* b = push.add_blocks();
+    b->set_block_id(id);
+    b->set_dtype(tessera::v1::F32);
+    std::vector<float> values(store.partition().blocks()[id].num_elements, value);
+    EncodeF32(values, b->mutable_data());
+  }
+  return push;
+}
+
+void Run(FuzzedDataProvider& in) {
+  const tessera::v1::ConsistencyMode mode =
+      in.PickValueInArray({tessera::v1::SYNC, tessera::v1::ASYNC, tessera::v1::SSP});
+  absl::StatusOr<std::unique_ptr<ShardStore>> created =
+      ShardStore::Create(SmallJob(mode, kNumWorkers), kShard);
+  if (!created.ok()) Fail(std::string(created.status().message()));
+  ShardStore& store = **created;
+  std::vector<ModelWorker> model(kNumWorkers);
+  int64_t last_version = 0;
+
+  for (int op = 0; op < kMaxOps && in.remaining_bytes() > 0; ++op) {
+    const int kind = in.ConsumeIntegralInRange<int>(0, 3);
+    const int worker = WorkerId(in);
+    const int64_t incarnation = Incarnation(in);
+    const bool in_range = worker >= 0 && worker < kNumWorkers;
+    std::string what;
+    switch (kind) {
+      case 0: {  // Hello
+        what = absl::StrCat("Connect(", worker, ", ", incarnation, ")");
+        const absl::Status s = store.Connect(worker, incarnation);
+        absl::StatusCode want = absl::StatusCode::kOk;
+        if (!in_range) {
+          want = absl::StatusCode::kInvalidArgument;
+        } else if (incarnation < model[worker].incarnation) {
+          want = absl::StatusCode::kFailedPrecondition;
+        } else {
+          model[worker] = {incarnation, true};
+        }
+        Check(s.code() == want, absl::StrCat(what, " returned ", s.ToString()));
+        break;
+      }
+      case 1: {  // the stream ends
+        what = absl::StrCat("Disconnect(", worker, ", ", incarnation, ")");
+        store.Disconnect(worker, incarnation);
+        if (in_range && model[worker].incarnation == incarnation) model[worker].live = false;
+        break;
+      }
+      case 2: {  // a well-formed push
+        const int64_t step = in.ConsumeIntegralInRange<int64_t>(0, 6);
+        what = absl::StrCat("Push(", worker, ", ", incarnation, ", step ", step, ")");
+        const double before = store.ParamSum();
+        const absl::StatusOr<PushOutcome> r =
+            store.Push(worker, incarnation, FullPush(store, step, 0.25f));
+        if (!in_range) {
+          Check(r.status().code() == absl::StatusCode::kInvalidArgument,
+                absl::StrCat(what, " returned ", r.status().ToString()));
+        } else if (incarnation < model[worker].incarnation) {
+          Check(r.status().code() == absl::StatusCode::kFailedPrecondition,
+                absl::StrCat(what, " returned ", r.status().ToString()));
+        } else {
+          model[worker] = {incarnation, true};
+          // SYNC refuses pushes ahead of the step; anything else is taken.
+          Check(r.ok() || r.status().code() == absl::StatusCode::kFailedPrecondition,
+                absl::StrCat(what, " returned ", r.status().ToString()));
+        }
+        if (!r.ok()) {
+          Check(store.ParamSum() == before, absl::StrCat(what, " was refused but changed the "
+                                                         "parameters"));
+        }
+        break;
+      }
+      default: {  // a pull that does not wait
+        const int64_t step = in.ConsumeIntegralInRange<int64_t>(0, 6);
+        what = absl::StrCat("Pull(", step, ")");
+        tessera::v1::PullResult out;
+        const absl::Status s = store.Pull(step, absl::ZeroDuration(), &out);
+        Check(s.ok() || s.code() == absl::StatusCode::kUnavailable,
+              absl::StrCat(what, " returned ", s.ToString()));
+        break;
+      }
+    }
+    const StoreStats stats = store.stats();
+    int live = 0;
+    for (const ModelWorker& w : model) live += w.live ? 1 : 0;
+    Check(stats.live_workers >= 0 && stats.live_workers <= kNumWorkers,
+          absl::StrCat("live_workers ", stats.live_workers, " after ", what));
+    Check(stats.live_workers == live, absl::StrCat("live_workers ", stats.live_workers,
+                                                   ", expected ", live, " after ", what));
+    Check(stats.version >= last_version,
+          absl::StrCat("version went back from ", last_version, " to ", stats.version));
+    last_version = stats.version;
+    Check(std::isfinite(store.ParamSum()), absl::StrCat("parameters not finite after ", what));
+  }
+  // Nothing is in flight on a single thread, so this must not wait.
+  const ShardState snapshot = store.Snapshot();
+  Check(snapshot.blocks.size() == store.partition().shard_blocks(kShard).size(),
+        "snapshot lacks blocks");
+}
+
+}  // namespace
+}  // namespace tessera::fuzz
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  FuzzedDataProvider in(data, size);
+  tessera::fuzz::Run(in);
+  return 0;
+}

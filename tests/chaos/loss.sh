@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Random packet loss (1% and 5%, each direction) on worker 1's link in a
+# synchronous Fashion-MNIST job, against loss-free runs in the same script.
+# Checks the RELIABILITY.md figures "Random loss 1% and 5%: 0 failed steps;
+# exact update count; throughput >= 90% / 50% of loss-free".
+#
+# Throughput is samples/s from worker 0's --summary_json (no evaluation, so
+# only training steps count). The loss-free run is measured before and after
+# the lossy runs and averaged, since other work shares the CPU.
+#
+# Usage: loss.sh [BIN_DIR [SOURCE_DIR]]
+#   env: MAX_STEPS (200), RUN_LIMIT_S (120 per run), SUBNET (169.254.79),
+#        CHAOS_KEEP_LOGS=DIR.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+[ $# -ge 1 ] && CHAOS_BIN=$1
+[ $# -ge 2 ] && CHAOS_SRC=$2
+source "$here/lib.sh"
+
+max_steps=${MAX_STEPS:-200}
+run_limit_s=${RUN_LIMIT_S:-120}
+CHAOS_MTU_PACKETS=w1
+chaos_init loss "${SUBNET:-169.254.79}"
+chaos_hosts s0 s1 w0 w1
+job="$CHAOS_SRC/examples/fashion_mnist_mlp.textproto"
+flags=(--max_steps="$max_steps" --epochs=1000)
+batch=128  # examples/fashion_mnist_mlp.textproto, per worker
+
+declare -A sps rcs applied dup rej ver retries wall tcp
+# Worker 1's namespace TCP counters: segments sent, retransmitted, RTO timeouts
+# (worker 1's side only: the servers' retransmissions are not counted).
+tcp_counters() {
+  chaos_in w1 nstat -asz TcpOutSegs TcpRetransSegs TcpExtTCPTimeouts 2>/dev/null |
+    awk '$1 == "TcpOutSegs" { o = $2 } $1 == "TcpRetransSegs" { r = $2 }
+         $1 == "TcpExtTCPTimeouts" { t = $2 } END { print o + 0, r + 0, t + 0 }'
+}
+run_once() {  # tag probability
+  local tag=$1 p=$2 r rc
+  chaos_start_servers "$job" "${flags[@]}"
+  local tcp0
+  tcp0=$(tcp_counters)
+  if [ "$p" != 0 ]; then fault_loss w1 "$p" s0 s1; fi
+  local t0=$SECONDS
+  chaos_start_worker w0 0 "$job" "${flags[@]}" --evaluate=false
+  chaos_start_worker w1 1 "$job" "${flags[@]}" --evaluate=false
+  rcs[$tag]=""
+  for r in 0 1; do
+    rc=0; chaos_wait "worker-$r" $((run_limit_s - (SECONDS - t0))) || rc=$?
+    if [ "$rc" = 124 ]; then kill -9 "$(chaos_pid "worker-$r")" 2>/dev/null || true; fi
+    rcs[$tag]+="${rcs[$tag]:+ }$rc"
+  done
+  sps[$tag]=$(chaos_summary 0 samples_per_sec)
+  wall[$tag]=$(chaos_summary 0 wall_seconds)
+  if [ -z "${sps[$tag]}" ]; then
+    # Cut at the time limit: steps done over the time since the workers started.
+    local v elapsed
+    v=$(chaos_metric s0 tessera_shard_version)
+    elapsed=$((SECONDS - t0))
+    sps[$tag]=$(pyval "${v:-0} * $batch * 2 / $elapsed")
+    wall[$tag]="${elapsed} (cut at the limit after ${v:-0} steps)"
+  fi
+  applied[$tag]="$(chaos_metric s0 tessera_pushes_total applied) $(chaos_metric s1 tessera_pushes_total applied)"
+  dup[$tag]="$(chaos_metric s0 tessera_pushes_total duplicate) $(chaos_metric s1 tessera_pushes_total duplicate)"
+  rej[$tag]="$(chaos_metric s0 tessera_pushes_total rejected) $(chaos_metric s1 tessera_pushes_total rejected)"
+  ver[$tag]="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
+  retries[$tag]=$(cat "$CHAOS_WORK"/worker-*.log | grep -c 'retrying' || true)
+  tcp[$tag]=$(/usr/bin/python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split()
+print('%d segments sent, %d retransmitted, %d retransmission timeouts' % tuple(int(y) - int(x) for x, y in zip(a, b)))" \
+    "$tcp0" "$(tcp_counters)")
+  fault_heal w1
+  chaos_stop_servers
+  printf '%-6s loss %-5s workers exit %-7s %8.0f samples/s in %ss; shard versions %s; pushes applied %s, duplicate %s, rejected %s; "retrying" lines %s\n' \
+    "$tag" "$p" "${rcs[$tag]}" "${sps[$tag]}" "${wall[$tag]}" "${ver[$tag]}" "${applied[$tag]}" \
+    "${dup[$tag]}" "${rej[$tag]}" "${retries[$tag]}"
+  echo "       worker 1's TCP: ${tcp[$tag]}"
+  chaos_archive "run-$tag"
+}
+
+echo "== loss: sync Fashion-MNIST, 2 servers, 2 workers, max_steps $max_steps; random drop of the"
+echo "   packets between worker 1 and the servers, both ways, at the receiver (iptables -m statistic"
+echo "   --mode random in INPUT); worker 1's link carries MTU-sized packets (no GSO) in every run"
+run_once base1 0
+run_once loss1 0.01
+run_once loss5 0.05
+run_once base2 0
+# Mean of the loss-free runs that finished.
+base=$(pyval "(lambda v: sum(v) / len(v) if v else 0)([x for x in (${sps[base1]}, ${sps[base2]}) if x > 0])")
+echo
+echo "loss-free throughput: ${sps[base1]} and ${sps[base2]} samples/s, mean $(pyval "round($base)")"
+r1=$(pyval "round(${sps[loss1]} / $base, 3) if $base > 0 else 0")
+r5=$(pyval "round(${sps[loss5]} / $base, 3) if $base > 0 else 0")
+echo "1% loss: ${sps[loss1]} samples/s = $(pyval "round(100 * $r1, 1)")% of loss-free (figure: >= 90%)"
+echo "5% loss: ${sps[loss5]} samples/s = $(pyval "round(100 * $r5, 1)")% of loss-free (figure: >= 50%)"
+echo
+
+exact() {  # tag: every step applied once per worker on each shard, nothing else
+  local want=$((2 * max_steps))
+  [ "${ver[$1]}" = "$max_steps $max_steps" ] && [ "${applied[$1]}" = "$want $want" ] &&
+    [ "${dup[$1]}" = "0 0" ] && [ "${rej[$1]}" = "0 0" ]
+}
+for t in base1 base2; do
+  chaos_expect "loss-free run $t: both workers exit 0 (${rcs[$t]})" '[ "${rcs[$t]}" = "0 0" ]'
+done
+for t in loss1 loss5; do
+  chaos_expect "$t: 0 failed steps, both workers exit 0 and finish $max_steps steps (exit ${rcs[$t]})" \
+    '[ "${rcs[$t]}" = "0 0" ]'
+  chaos_expect "$t: exact update count, each shard at version $max_steps with $((2 * max_steps)) applied pushes, 0 duplicate, 0 rejected (versions ${ver[$t]}; applied ${applied[$t]}; duplicate ${dup[$t]}; rejected ${rej[$t]})" \
+    'exact "$t"'
+done
+chaos_expect "throughput at 1% loss >= 90% of loss-free (figure): $(pyval "round(100 * $r1, 1)")%" \
+  'pytrue "$r1 >= 0.90"'
+chaos_expect "throughput at 5% loss >= 50% of loss-free (figure): $(pyval "round(100 * $r5, 1)")%" \
+  'pytrue "$r5 >= 0.50"'
+chaos_finish
