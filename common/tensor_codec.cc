@@ -134,6 +134,27 @@ bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n) {
   return any == 0;
 }
 
+bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& bytes, int64_t n) {
+  // Biased exponent 127 + 101: the smallest magnitude refused is 2^101.
+  const char* data = bytes.data();
+  if (dtype == tessera::v1::BF16) {
+    uint16_t any = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, data + 2 * i, 2);
+      any |= static_cast<uint16_t>((h & 0x7f80) >= (228u << 7));
+    }
+    return any == 0;
+  }
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, data + 4 * i, 4);
+    any |= static_cast<uint32_t>((u & 0x7f800000u) >= (228u << 23));
+  }
+  return any == 0;
+}
+
 bool AllFinite(absl::Span<const float> values) {
   return PayloadFinite(tessera::v1::F32,
                        reinterpret_cast<const char*>(values.data()), values.size());

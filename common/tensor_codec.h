@@ -39,6 +39,11 @@ void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* a
 bool PayloadFinite(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
 bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n);
 
+// True when every element is finite and below 2^101 in magnitude: the
+// bound the servers put on gradients, so that sums over any number of
+// workers and learning-rate-scaled updates cannot overflow F32.
+bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
+
 // Returns true when every value is finite (no NaN, no +-Inf).
 bool AllFinite(absl::Span<const float> values);
 

@@ -83,9 +83,11 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
 absl::Status ShardStore::Validate(const PushRequest& request,
                                   bool* nonfinite) const {
   *nonfinite = false;
-  if (request.step() < 0) {
+  // Steps count from 0 and stay far from overflow (step + 1 is taken).
+  constexpr int64_t kMaxStep = int64_t{1} << 53;
+  if (request.step() < 0 || request.step() >= kMaxStep) {
     return absl::InvalidArgumentError(
-        absl::StrCat("push step must not be negative, got ", request.step()));
+        absl::StrCat("push step ", request.step(), " outside [0, 2^53)"));
   }
   if (request.blocks_size() != static_cast<int>(owned_.size())) {
     return absl::InvalidArgumentError(
@@ -117,10 +119,10 @@ absl::Status ShardStore::Validate(const PushRequest& request,
           absl::StrCat("block ", id, ": payload has ", tb.data().size(),
                        " bytes, expected ", n * width));
     }
-    if (!PayloadFinite(tb.dtype(), tb.data(), n)) {
+    if (!PayloadWithinGradientLimit(tb.dtype(), tb.data(), n)) {
       *nonfinite = true;
-      return absl::InvalidArgumentError(
-          absl::StrCat("block ", id, ": gradient has NaN or infinite values"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "block ", id, ": gradient has NaN or infinite values, or values of magnitude >= 2^101"));
     }
   }
   return absl::OkStatus();
@@ -246,7 +248,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     w.last_step = step;
     staleness = mode_ == tessera::v1::SYNC
                     ? 0
-                    : std::max<int64_t>(0, version_ - request.base_version());
+                    : version_ - std::clamp<int64_t>(request.base_version(), 0, version_);
   }
 
   if (mode_ != tessera::v1::SYNC) {

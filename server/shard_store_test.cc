@@ -281,16 +281,31 @@ TEST(ShardStoreTest, BadPushesChangeNothingAndAreCounted) {
   EXPECT_NE(AllParams(**store), before);
 }
 
-TEST(ShardStoreTest, HugeFiniteGradientsStayFiniteWithAdam) {
-  JobSpec job = ExactSumJob(tessera::v1::ASYNC, 1);
-  job.mutable_optimizer()->set_type(tessera::v1::ADAM);
-  job.mutable_optimizer()->set_learning_rate(0.01);
-  auto store = ShardStore::Create(job, 0);
-  ASSERT_TRUE(store.ok());
-  for (int step = 0; step < 20; ++step) {
-    ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, step, 1e38f)).ok());
+TEST(ShardStoreTest, OverflowSizedGradientsAreRejectedAndParametersStayFinite) {
+  for (auto mode : {tessera::v1::SYNC, tessera::v1::ASYNC}) {
+    SCOPED_TRACE(ModeName(mode));
+    // Two workers and SGD with learning rate 1: summing two 1e38 gradients
+    // would overflow F32 if they were let in.
+    auto store = ShardStore::Create(ExactSumJob(mode, 2), 0);
+    ASSERT_TRUE(store.ok());
+    const std::vector<float> before = AllParams(**store);
+    for (int step = 0; step < 5; ++step) {
+      for (int worker = 0; worker < 2; ++worker) {
+        auto r = (*store)->Push(worker, 1, FullPush(**store, step, 1e38f));
+        EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+      }
+    }
+    EXPECT_EQ(AllParams(**store), before);
+    EXPECT_EQ((*store)->stats().nonfinite_rejected, 10);
+    // Large but bounded gradients are applied and keep every parameter finite.
+    for (int worker = 0; worker < 2; ++worker) {
+      ASSERT_TRUE((*store)->Push(worker, 1, FullPush(**store, 0, 1e30f)).ok());
+    }
+    for (float v : AllParams(**store)) EXPECT_TRUE(std::isfinite(v));
+    // And steps near the top of int64 are refused rather than overflowed.
+    EXPECT_EQ((*store)->Push(0, 1, FullPush(**store, INT64_MAX, 1.0f)).status().code(),
+              absl::StatusCode::kInvalidArgument);
   }
-  for (float v : AllParams(**store)) EXPECT_TRUE(std::isfinite(v));
 }
 
 TEST(ShardStoreTest, SyncRejectsPushesAheadOfTheStep) {
