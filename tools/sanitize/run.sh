@@ -9,6 +9,8 @@
 #   JOBS          build parallelism (default: nproc)
 #   CTEST_FLAGS   extra ctest arguments (asan, tsan), e.g. "-R shard_store"
 #   TSAN_EXCLUDE  ctest -E regex of tests left out under TSan (default below)
+#   TSAN_GTEST_FILTER  GTEST_FILTER for the TSan run (default below)
+#   ASAN_EXCLUDE  ctest -E regex of tests left out under ASan (default none)
 #   FUZZ_SECONDS  seconds per fuzz target (default 60)
 #   CXX           compiler for asan/tsan (default: CMake's choice, g++);
 #                 fuzz always uses clang++-14
@@ -24,8 +26,18 @@ mode=${1:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 jobs=${JOBS:-$(nproc)}
 
-# Tests left out under TSan (ctest -E regex); see the tsan case below.
-TSAN_EXCLUDE=${TSAN_EXCLUDE-}
+# Left out under TSan, where every process runs several times slower (and
+# slower still on a loaded 2-core machine), for wall-clock bounds only; the
+# reconnect and retry paths they cover still run under TSan in FaultTest's
+# other cases:
+#   chaos_quick_partition_test  its fixed deadlines (training to the end
+#     within the script's and ctest's 240 s) cannot be met under TSan;
+#   FaultTest.ServerKilledAndRestartedFromCheckpoint  asserts recovery
+#     within 60 s of wall time (70 s under TSan); the other FaultTest cases
+#     run.
+TSAN_EXCLUDE=${TSAN_EXCLUDE-chaos_quick_partition_test}
+TSAN_GTEST_FILTER=${TSAN_GTEST_FILTER--FaultTest.ServerKilledAndRestartedFromCheckpoint}
+ASAN_EXCLUDE=${ASAN_EXCLUDE-}
 
 configure() {
   local dir=$1
@@ -72,7 +84,12 @@ case "$mode" in
     export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1 halt_on_error=1 strict_string_checks=1 check_initialization_order=1 log_path=$logs/asan}"
     export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1 halt_on_error=1 log_path=$logs/ubsan}"
     export LSAN_OPTIONS="${LSAN_OPTIONS:-suppressions=$root/tools/sanitize/lsan.supp print_suppressions=0}"
-    run_ctest "$dir"
+    if [ -n "$ASAN_EXCLUDE" ]; then
+      echo "left out under ASan: $ASAN_EXCLUDE"
+      run_ctest "$dir" -E "$ASAN_EXCLUDE"
+    else
+      run_ctest "$dir"
+    fi
     ;;
   tsan)
     dir=$root/build-tsan
@@ -82,6 +99,12 @@ case "$mode" in
     # report_signal_unsafe=0: gRPC's signal handling calls malloc, which
     # TSan would report as a signal-unsafe call in an uninstrumented library.
     export TSAN_OPTIONS="${TSAN_OPTIONS:-suppressions=$root/tools/sanitize/tsan.supp halt_on_error=1 second_deadlock_stack=1 report_signal_unsafe=0 log_path=$logs/tsan}"
+    # GoogleTest reads GTEST_FILTER from the environment (a test's own
+    # --gtest_filter, as the canary's child uses, still wins).
+    if [ -n "$TSAN_GTEST_FILTER" ]; then
+      echo "GoogleTest cases left out under TSan: $TSAN_GTEST_FILTER"
+      export GTEST_FILTER="$TSAN_GTEST_FILTER"
+    fi
     if [ -n "$TSAN_EXCLUDE" ]; then
       echo "left out under TSan: $TSAN_EXCLUDE"
       run_ctest "$dir" -E "$TSAN_EXCLUDE"
