@@ -627,7 +627,7 @@ set style fill solid 0.6 border -1
 set boxwidth 0.8
 set yrange [0:*]
 set grid ytics
-set key top right
+set key below
 plot '{data}' using 2:xtic(1) lc rgb '#4a7ab5' title 'GB/s (bytes counted per kernel)', \\
      {a['memcpy_gbps']:.3f} with lines lw 2 lc rgb 'black' title 'memcpy, this run', \\
      {0.7 * a['memcpy_gbps']:.3f} with lines dt 2 lc rgb 'gray40' title '70% of memcpy'
@@ -864,9 +864,10 @@ def write_report(results, path, plots):
     L.append(f"This machine has {m['nproc']} cores shared with other work (builds, tests). "
              "Client and server of the transport stage, and every process of the training "
              "stages, compete for the same cores; so does anything else running. Each stage "
-             "waited (up to a limit) for other work to fall below "
-             f"{results['settings']['quiet_busy_cores']} cores, then recorded how much CPU other "
-             "work used while it ran:\n")
+             f"waited up to {results['settings']['quiet_wait_s']:.0f} s for other work to stay "
+             f"below {results['settings']['quiet_busy_cores']} cores for 5 s, then recorded how "
+             "much CPU other work used while it ran (a stage that ran with other work near 1 "
+             "core had about half the machine):\n")
     nrows = [[n["stage"], n.get("started", "-")[11:19], n["wall_seconds"], n["cores_used_by_this_run"],
               n["cores_used_by_other_work"], n["steal_cores"],
               ", ".join(n["busiest_other_processes_at_start"]) or "-"]
@@ -889,6 +890,9 @@ def write_report(results, path, plots):
     L.append("`results.json` (everything above, machine-readable), `transport.json`, "
              "`apply.json`, `fmnist_vs_ddp.json` (the stages' own output), "
              + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + ".\n")
+    if os.path.exists(os.path.join(os.path.dirname(path), "analysis.md")):
+        L.append("`analysis.md` reads the transport figures of a given run (its date is in "
+                 "it): where the time goes and what to change.\n")
     with open(path, "w") as f:
         f.write("\n".join(L))
     return summary_lines
