@@ -8,6 +8,7 @@
 
 #include <dirent.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <fstream>
@@ -176,16 +177,15 @@ TEST_F(LoadTest, SustainedPushPullKeepsMemoryAndDescriptorsFlat) {
   std::cout << "RSS kB per second:";
   for (int64_t r : rss) std::cout << " " << r;
   std::cout << "\n";
-  // Drift: the mean of the last quarter against the mean of the quarter
-  // after warm-up. Single samples swing with the buffers of requests in
-  // flight; a leak shows as a rising trend.
-  auto mean = [&](size_t from, size_t to) {
-    double sum = 0;
-    for (size_t i = from; i < to; ++i) sum += static_cast<double>(rss[i]);
-    return sum / static_cast<double>(to - from);
+  // Drift: the lowest resident size of the last quarter against the lowest
+  // of the quarter after warm-up. Single samples swing with the buffers of
+  // requests in flight; the floor between them rises only with a leak.
+  auto floor_of = [&](size_t from, size_t to) {
+    return static_cast<double>(*std::min_element(rss.begin() + from, rss.begin() + to));
   };
   const size_t q = rss.size() / 4;
-  const double early = mean(q, 2 * q), late = mean(rss.size() - q, rss.size());
+  // The first half is warm-up (buffer pools and the allocator settle).
+  const double early = floor_of(2 * q, 3 * q), late = floor_of(rss.size() - q, rss.size());
   const double drift = (late - early) / early;
   std::cout << "requests " << ok.load() << " (" << ok.load() / seconds << "/s, "
             << ok.load() * 2.0 / seconds << " MiB/s each way), errors " << errors.load()
