@@ -57,6 +57,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/allocator.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
@@ -209,7 +210,7 @@ class NoopService final : public tessera::v1::ParameterService::Service {
     hello_reply.set_request_id(request.request_id());
     bool ok = stream->Write(hello_reply);
     while (ok && stream->Read(&request)) {
-      if (request.kind_case() == ClientMessage::kPull) {
+      if (request.has_pull()) {
         pull_reply_.set_request_id(request.request_id());
         ok = stream->Write(pull_reply_);
       } else {
@@ -717,6 +718,7 @@ int Main() {
 }  // namespace tessera
 
 int main(int argc, char** argv) {
+  tessera::TuneAllocatorForLargeMessages();
   absl::SetProgramUsageMessage(
       "Push/pull throughput through a real tessera-server on 127.0.0.1, beside memcpy "
       "and a no-op gRPC server. Prints one JSON document.");

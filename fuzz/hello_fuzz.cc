@@ -4,16 +4,20 @@
 // of the membership rules:
 //   Connect(w, i): kInvalidArgument unless 0 <= w < num_workers;
 //                  kFailedPrecondition when i is older than w's incarnation;
-//                  otherwise w adopts i and is live.
-//   Disconnect(w, i): w leaves the barrier when i is its current incarnation.
-//   Push(w, i) (valid): the same id and incarnation rules as Connect, after
-//                  which w is live whatever the step.
+//                  otherwise w adopts i (a newer one starts with no open
+//                  streams), opens one more stream and is live.
+//   Disconnect(w, i): when i is w's current incarnation, one of its streams
+//                  ends; w leaves the barrier when the last one has.
+//   Push(w, i) (valid): the same id and incarnation rules as Connect (a
+//                  push opens no stream), after which w is live whatever
+//                  the step.
 // Invariants: every status matches the model, live_workers equals the
 // model's count (so always within [0, num_workers]), the version never goes
 // back, parameters stay finite, and a snapshot at the end does not wait.
 
 #include <fuzzer/FuzzedDataProvider.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +40,7 @@ constexpr int kMaxOps = 256;
 
 struct ModelWorker {
   int64_t incarnation = 0;
+  int streams = 0;
   bool live = true;  // a store starts with every worker counted
 };
 
@@ -89,7 +94,10 @@ void Run(FuzzedDataProvider& in) {
         } else if (incarnation < model[worker].incarnation) {
           want = absl::StatusCode::kFailedPrecondition;
         } else {
-          model[worker] = {incarnation, true};
+          ModelWorker& w = model[worker];
+          if (incarnation > w.incarnation) w = {incarnation, 0, true};
+          ++w.streams;
+          w.live = true;
         }
         Check(s.code() == want, absl::StrCat(what, " returned ", s.ToString()));
         break;
@@ -97,7 +105,11 @@ void Run(FuzzedDataProvider& in) {
       case 1: {  // the stream ends
         what = absl::StrCat("Disconnect(", worker, ", ", incarnation, ")");
         store.Disconnect(worker, incarnation);
-        if (in_range && model[worker].incarnation == incarnation) model[worker].live = false;
+        if (in_range && model[worker].incarnation == incarnation) {
+          ModelWorker& w = model[worker];
+          w.streams = std::max(0, w.streams - 1);
+          if (w.streams == 0) w.live = false;
+        }
         break;
       }
       case 2: {  // a well-formed push
@@ -113,7 +125,9 @@ void Run(FuzzedDataProvider& in) {
           Check(r.status().code() == absl::StatusCode::kFailedPrecondition,
                 absl::StrCat(what, " returned ", r.status().ToString()));
         } else {
-          model[worker] = {incarnation, true};
+          ModelWorker& w = model[worker];
+          if (incarnation > w.incarnation) w.incarnation = incarnation;
+          w.live = true;
           // SYNC refuses pushes ahead of the step; anything else is taken.
           Check(r.ok() || r.status().code() == absl::StatusCode::kFailedPrecondition,
                 absl::StrCat(what, " returned ", r.status().ToString()));

@@ -25,6 +25,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/protocol.h"
 #include "fuzz/fuzz_util.h"
 #include "proto/tessera.pb.h"
 #include "server/shard_store.h"
@@ -183,11 +184,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const bool parsed = message.ParseFromArray(data + pos, static_cast<int>(len));
     pos += len;
     if (!parsed) continue;  // gRPC fails the stream's Read on such bytes
-    switch (message.kind_case()) {
-      case tessera::v1::ClientMessage::kHello:
+    switch (tessera::KindOf(message)) {
+      case tessera::RequestKind::kHello:
         session.Connect(message.hello().worker_id(), message.hello().incarnation());
         break;
-      case tessera::v1::ClientMessage::kPush:
+      case tessera::RequestKind::kPush:
         // A fused push-pull asks for step + 1 when the push was accepted.
         if (session.Push(worker, incarnation, message.push()) &&
             message.push().return_parameters()) {
@@ -198,7 +199,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           session.Pull(next);
         }
         break;
-      case tessera::v1::ClientMessage::kPull:
+      case tessera::RequestKind::kPull:
         session.Pull(message.pull().step());
         break;
       default:

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/credentials.h"
 #include "common/grpc_status.h"
+#include "common/protocol.h"
 
 namespace tessera {
 namespace {
@@ -67,9 +68,9 @@ grpc::Status ParameterServiceImpl::Session(
   absl::Cleanup release = [this] { sessions_.fetch_sub(1); };
   ClientMessage request;
   if (!stream->Read(&request)) return grpc::Status::OK;
-  if (!request.has_hello()) {
+  if (KindOf(request) != RequestKind::kHello) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                        "the first message on a Session must be a Hello");
+                        "the first message on a Session must be a Hello (and only a Hello)");
   }
   const tessera::v1::Hello hello = request.hello();
   if (hello.job_hash() != job_hash_) {
@@ -101,8 +102,8 @@ grpc::Status ParameterServiceImpl::Session(
     reply.set_code(0);
     reply.clear_message();
     reply.clear_push();
-    switch (request.kind_case()) {
-      case ClientMessage::kPush: {
+    switch (KindOf(request)) {
+      case RequestKind::kPush: {
         const absl::Time start = absl::Now();
         absl::StatusOr<PushOutcome> outcome =
             store_->Push(worker, incarnation, request.push());
@@ -132,10 +133,19 @@ grpc::Status ParameterServiceImpl::Session(
         }
         break;
       }
-      case ClientMessage::kPull:
+      case RequestKind::kPull:
         Pull(request.pull().step(), &reply);
         break;
-      default:
+      case RequestKind::kSeveral:
+        store_->CountRejected();
+        reply.clear_pull();
+        SetError(absl::InvalidArgumentError(
+                     "a ClientMessage sets more than one of hello, push and pull"),
+                 &reply);
+        break;
+      case RequestKind::kNone:
+      case RequestKind::kHello:
+        store_->CountRejected();
         reply.clear_pull();
         SetError(absl::InvalidArgumentError(
                      "expected a push or a pull after the Hello"),

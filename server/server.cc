@@ -191,6 +191,9 @@ TesseraServer::~TesseraServer() {
     server_->Wait();
   }
   if (joiner_.joinable()) joiner_.join();
+  // Members go in reverse order, coordinator_ and service_metrics_ before
+  // metrics_: stop the /metrics thread first, since a scrape reads them.
+  metrics_.reset();
 }
 
 void TesseraServer::Shutdown(absl::Duration grace) {

@@ -12,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/allocator.h"
 #include "common/discovery.h"
 #include "common/flags.h"
 #include "common/job_spec.h"
@@ -60,6 +61,7 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tessera::TuneAllocatorForLargeMessages();
   tessera::ParseFlagsOrExit(argc, argv, kUsage);
   const std::string job_path = tessera::JobFlag();
   if (job_path.empty()) return Fail("--job is required (a JobSpec text file)");

@@ -184,6 +184,11 @@ bool ShardStore::StepCompleteLocked() const {
   return true;
 }
 
+void ShardStore::CountRejected() {
+  absl::MutexLock lock(&mu_);
+  ++counters_.requests_rejected;
+}
+
 absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
                                              const PushRequest& request) {
   bool nonfinite = false;

@@ -74,6 +74,11 @@ class ShardStore {
   // is still its current one), which may complete the step in progress.
   void Disconnect(int worker, int64_t incarnation);
 
+  // Counts a request refused before it reached the store (a stream message
+  // that is neither one push nor one pull), so that requests_rejected counts
+  // every bad request.
+  void CountRejected();
+
   // Validates every block first (ownership, dtype, size, duplicates,
   // finiteness); any problem rejects the whole push, is counted and changes
   // nothing. A push (worker, incarnation, step) takes effect at most once:

@@ -168,6 +168,9 @@ TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
   const float inf = std::numeric_limits<float>::infinity();
   std::memcpy(inf_gradient.mutable_push()->mutable_blocks(1)->mutable_data()->data() + 8, &inf,
               4);
+  ClientMessage push_and_pull = Push(0, 1.0f);
+  push_and_pull.mutable_pull()->set_step(0);
+  ClientMessage empty;
 
   struct Case {
     const char* name;
@@ -180,6 +183,9 @@ TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
       {"unknown block", &unknown_block, absl::StatusCode::kNotFound, "block 12345"},
       {"NaN gradient", &nan_gradient, absl::StatusCode::kInvalidArgument, "NaN"},
       {"Inf gradient", &inf_gradient, absl::StatusCode::kInvalidArgument, "infinite"},
+      {"push and pull in one message", &push_and_pull, absl::StatusCode::kInvalidArgument,
+       "more than one of hello, push and pull"},
+      {"empty message", &empty, absl::StatusCode::kInvalidArgument, "expected a push or a pull"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -190,7 +196,7 @@ TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
     EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
   }
   tessera::v1::ShardStatsResponse stats = Stats();
-  EXPECT_EQ(stats.requests_rejected(), 4);
+  EXPECT_EQ(stats.requests_rejected(), 6);
   EXPECT_EQ(stats.nonfinite_rejected(), 2);
   EXPECT_EQ(stats.pushes_applied(), 0);
   // The stream survives bad requests and the next good push applies.

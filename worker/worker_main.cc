@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
+#include "common/allocator.h"
 #include "common/discovery.h"
 #include "common/flags.h"
 #include "common/grpc_status.h"
@@ -124,6 +125,7 @@ class Heartbeater {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tessera::TuneAllocatorForLargeMessages();
   tessera::ParseFlagsOrExit(argc, argv, kUsage);
   const std::string job_path = tessera::JobFlag();
   if (job_path.empty()) return Fail("--job is required (a JobSpec text file)");

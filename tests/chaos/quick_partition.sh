@@ -6,7 +6,9 @@
 # end at max_steps and the servers exit 0 on SIGTERM. About 30-60 s.
 #
 # Usage: quick_partition.sh [BIN_DIR [SOURCE_DIR]]
-#   env: PARTITION_S (10), MAX_STEPS (1500), SUBNET (169.254.82).
+#   env: PARTITION_S (10), MAX_STEPS (5000: long enough that worker 0, which
+#        trains alone at up to ~300 steps/s during the partition, is still
+#        running at the heal), SUBNET (169.254.82).
 # Exit 0 passed, 1 failed, 77 namespaces/iptables unavailable (skip).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/lib.sh"
 
 partition_s=${PARTITION_S:-10}
-max_steps=${MAX_STEPS:-1500}
+max_steps=${MAX_STEPS:-5000}
 chaos_init quick_partition "${SUBNET:-169.254.82}"
 chaos_hosts s0 s1 w0 w1
 job="$CHAOS_SRC/examples/fashion_mnist_mlp.textproto"
