@@ -47,6 +47,8 @@ ABSL_FLAG(std::optional<std::string>, checkpoint_dir, std::nullopt,
           "Override job.checkpoint.dir (servers write and resume checkpoints there).");
 ABSL_FLAG(std::optional<int64_t>, checkpoint_every_steps, std::nullopt,
           "Override job.checkpoint.every_steps.");
+ABSL_FLAG(std::optional<int64_t>, checkpoint_every_seconds, std::nullopt,
+          "Override job.checkpoint.every_seconds.");
 ABSL_FLAG(std::optional<std::string>, wire_dtype, std::nullopt,
           "Override job.wire_dtype: f32, or bf16 to halve the bytes on the wire.");
 
@@ -114,6 +116,7 @@ JobOverrides JobOverridesFromFlags() {
   o.max_steps = absl::GetFlag(FLAGS_max_steps);
   o.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   o.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
+  o.checkpoint_every_seconds = absl::GetFlag(FLAGS_checkpoint_every_seconds);
   o.wire_dtype = absl::GetFlag(FLAGS_wire_dtype);
   return o;
 }
@@ -153,6 +156,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_max_steps, "max_steps", &out);
   Forward(FLAGS_checkpoint_dir, "checkpoint_dir", &out);
   Forward(FLAGS_checkpoint_every_steps, "checkpoint_every_steps", &out);
+  Forward(FLAGS_checkpoint_every_seconds, "checkpoint_every_seconds", &out);
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   return out;
 }

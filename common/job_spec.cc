@@ -144,6 +144,9 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
   if (o.checkpoint_every_steps) {
     job->mutable_checkpoint()->set_every_steps(*o.checkpoint_every_steps);
   }
+  if (o.checkpoint_every_seconds) {
+    job->mutable_checkpoint()->set_every_seconds(*o.checkpoint_every_seconds);
+  }
   if (o.mode) {
     std::string m = absl::AsciiStrToLower(*o.mode);
     tessera::v1::ConsistencyMode mode;
@@ -195,6 +198,9 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   if (job->checkpoint().every_steps() < 0) {
     return FieldError("checkpoint.every_steps", "must not be negative");
   }
+  if (job->checkpoint().every_seconds() < 0) {
+    return FieldError("checkpoint.every_seconds", "must not be negative");
+  }
   if (job->checkpoint().keep() < 0) {
     return FieldError("checkpoint.keep", "must not be negative");
   }
@@ -239,12 +245,16 @@ absl::StatusOr<JobSpec> LoadJob(const std::string& path,
 }
 
 uint64_t JobHash(const JobSpec& job) {
+  // The checkpoint policy is the servers' business alone: a worker started
+  // without --checkpoint_dir still runs the same job.
+  JobSpec hashed = job;
+  hashed.clear_checkpoint();
   std::string bytes;
   google::protobuf::io::StringOutputStream stream(&bytes);
   {
     google::protobuf::io::CodedOutputStream coded(&stream);
     coded.SetSerializationDeterministic(true);
-    job.SerializeToCodedStream(&coded);
+    hashed.SerializeToCodedStream(&coded);
   }
   // FNV-1a: stable across processes and builds, unlike std::hash.
   uint64_t h = 1469598103934665603ull;

@@ -27,6 +27,7 @@ struct JobOverrides {
   std::optional<int64_t> max_steps;
   std::optional<std::string> checkpoint_dir;
   std::optional<int64_t> checkpoint_every_steps;
+  std::optional<int64_t> checkpoint_every_seconds;
   std::optional<std::string> wire_dtype;  // "f32" or "bf16"
 };
 
@@ -52,8 +53,9 @@ absl::Status ValidateJobSpec(tessera::v1::JobSpec* job);
 absl::StatusOr<tessera::v1::JobSpec> LoadJob(const std::string& path,
                                              const JobOverrides& overrides);
 
-// Hash of the validated job's deterministic serialisation; equal on every
-// process that read the same file with the same overrides.
+// Hash of the validated job's deterministic serialisation, leaving out the
+// servers-only checkpoint policy; equal on every process that read the same
+// file with the same overrides.
 uint64_t JobHash(const tessera::v1::JobSpec& job);
 
 // "sync" / "async" / "ssp" for a mode.

@@ -581,5 +581,14 @@ TEST(JobHashTest, DiffersWhenAnyFieldDiffers) {
   EXPECT_EQ(hashes.size(), mutations.size() + 1);
 }
 
+TEST(JobHashTest, CheckpointPolicyIsLeftOut) {
+  const JobSpec base = SyntheticJob();
+  JobSpec job = base;
+  job.mutable_checkpoint()->set_dir("/tmp/ckpt");
+  job.mutable_checkpoint()->set_every_steps(5);
+  job.mutable_checkpoint()->set_every_seconds(60);
+  EXPECT_EQ(JobHash(job), JobHash(base));
+}
+
 }  // namespace
 }  // namespace tessera

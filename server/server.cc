@@ -128,6 +128,10 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   } else {
     s->joiner_ = std::thread(&TesseraServer::JoinLoop, s.get(), joined_options, job_hash);
   }
+  if (s->checkpointer_ != nullptr && job.checkpoint().every_seconds() > 0) {
+    s->checkpoint_timer_ = std::thread(&TesseraServer::CheckpointTimerLoop, s.get(),
+                                       absl::Seconds(job.checkpoint().every_seconds()));
+  }
   return s;
 }
 
@@ -191,6 +195,7 @@ TesseraServer::~TesseraServer() {
     server_->Wait();
   }
   if (joiner_.joinable()) joiner_.join();
+  if (checkpoint_timer_.joinable()) checkpoint_timer_.join();
   // Members go in reverse order, coordinator_ and service_metrics_ before
   // metrics_: stop the /metrics thread first, since a scrape reads them.
   metrics_.reset();
@@ -222,9 +227,28 @@ absl::StatusOr<CheckpointResult> TesseraServer::CheckpointNow() {
   return r;
 }
 
+void TesseraServer::CheckpointTimerLoop(absl::Duration period) {
+  // Shard version at the last timed request; the state the server started
+  // with (fresh, or restored from a checkpoint) needs no checkpoint.
+  int64_t requested_at = store_->stats().version;
+  while (!stopping_.WaitForNotificationWithTimeout(period)) {
+    const int64_t version = store_->stats().version;
+    const CheckpointResult last = checkpointer_->last();
+    // Nothing new since the newest checkpoint (or since the last request,
+    // which a synchronous step in flight may still be holding back).
+    if (version == requested_at ||
+        (last.generation > 0 && last.status.ok() && last.step == version)) {
+      continue;
+    }
+    requested_at = version;
+    store_->RequestCheckpoint();
+  }
+}
+
 absl::Status TesseraServer::Wait() {
   server_->Wait();
   if (joiner_.joinable()) joiner_.join();
+  if (checkpoint_timer_.joinable()) checkpoint_timer_.join();
   if (checkpointer_ != nullptr && !final_checkpoint_written_) {
     // No handler runs any more: the state is final. Skip the write when the
     // newest checkpoint already holds it.

@@ -85,6 +85,9 @@ class TesseraServer {
 
   absl::StatusOr<CheckpointResult> CheckpointNow();
 
+  // Body of checkpoint_timer_.
+  void CheckpointTimerLoop(absl::Duration period);
+
   std::unique_ptr<ShardStore> store_;
   std::unique_ptr<Checkpointer> checkpointer_;
   std::unique_ptr<MetricsEndpoint> metrics_;
@@ -96,6 +99,8 @@ class TesseraServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   std::thread joiner_;
+  // Asks for a checkpoint every job.checkpoint.every_seconds until stopping_.
+  std::thread checkpoint_timer_;
   absl::Notification stopping_;
   mutable absl::Mutex mu_;
   bool serving_ ABSL_GUARDED_BY(mu_) = false;

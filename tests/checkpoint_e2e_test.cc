@@ -1,9 +1,10 @@
 // Checkpoints through the real binaries: a synchronous run stopped by
 // SIGTERM and resumed (into another shard count) ends bit-for-bit where an
 // uninterrupted run does; NumPy reads a checkpoint without Tessera code;
-// checkpoints on request.
+// checkpoints on request and on a timer.
 
 #include <dirent.h>
+#include <sys/stat.h>
 #include <signal.h>
 
 #include <fstream>
@@ -127,6 +128,42 @@ TEST(CheckpointE2eTest, CheckpointOnRequest) {
                              absl::Seconds(30));
   EXPECT_EQ(off.status, 1) << off.output;
   EXPECT_TRUE(absl::StrContains(off.output, "checkpoints are off")) << off.output;
+}
+
+// checkpoint.every_seconds: a shard that changed is checkpointed within
+// about a period; an idle one is not rewritten.
+TEST(CheckpointE2eTest, TimedCheckpointsFollowChangesOnly) {
+  const std::string dir = NewTempDir("timed");
+  const std::string job = SourceDir() + "/examples/seed_regression.textproto";
+  const std::string ckpt = dir + "/ckpt";
+  auto server = ServerProcess::Start(
+      dir, {"--job=" + job, "--shard=0", "--num_shards=1", "--num_workers=1", "--mode=async",
+            "--max_steps=37", "--checkpoint_dir=" + ckpt, "--checkpoint_every_seconds=1"});
+  ASSERT_NE(server, nullptr);
+  // Nothing has changed yet: no checkpoint after two periods.
+  absl::SleepFor(absl::Milliseconds(2500));
+  EXPECT_TRUE(StepDirs(ckpt).empty());
+  RunResult w = RunProgram({Bin("tessera-worker"), "--rank=0", "--servers=" + server->address(),
+                            "--job=" + job, "--num_shards=1", "--num_workers=1", "--mode=async",
+                            "--max_steps=37", "--evaluate=false"},
+                           dir, absl::Seconds(60));
+  ASSERT_EQ(w.status, 0) << w.output;
+  // 37 applied pushes: a checkpoint at version 37 appears within a period
+  // or two (polled up to 10 s, generous for a loaded machine).
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline && StepDirs(ckpt) != std::vector<std::string>{"step-0000000037"}) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(StepDirs(ckpt), std::vector<std::string>{"step-0000000037"});
+  // Idle again: the file is not rewritten.
+  const std::string file = ckpt + "/step-0000000037/shard-0-of-1.safetensors";
+  struct stat before {};
+  ASSERT_EQ(stat(file.c_str(), &before), 0);
+  absl::SleepFor(absl::Milliseconds(2500));
+  struct stat after {};
+  ASSERT_EQ(stat(file.c_str(), &after), 0);
+  EXPECT_EQ(before.st_ino, after.st_ino);
+  EXPECT_EQ(StepDirs(ckpt), std::vector<std::string>{"step-0000000037"});
 }
 
 }  // namespace
