@@ -21,8 +21,24 @@ function(tessera_test NAME)
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
   endif()
-  set_tests_properties(${NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT})
+  # Scratch files go to build/test-tmp (emptied at the start of every ctest
+  # run by the fixture below), not /tmp.
+  set_tests_properties(${NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+    ENVIRONMENT "TEST_TMPDIR=${PROJECT_BINARY_DIR}/test-tmp"
+    FIXTURES_REQUIRED tessera_test_tmp)
   if(ARG_LABELS)
     set_tests_properties(${NAME} PROPERTIES LABELS "${ARG_LABELS}")
   endif()
+endfunction()
+
+# Empties build/test-tmp before the tests that use it (ctest adds this setup
+# step to any selection of them; it shows up as test_tmp_reset).
+function(tessera_test_tmp_fixture)
+  if(NOT BUILD_TESTING)
+    return()
+  endif()
+  add_test(NAME test_tmp_reset
+    COMMAND ${CMAKE_COMMAND} -DDIR=${PROJECT_BINARY_DIR}/test-tmp
+            -P ${PROJECT_SOURCE_DIR}/cmake/ResetDir.cmake)
+  set_tests_properties(test_tmp_reset PROPERTIES FIXTURES_SETUP tessera_test_tmp)
 endfunction()

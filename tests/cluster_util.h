@@ -7,7 +7,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -52,9 +55,32 @@ inline void WriteFile(const std::string& path, const std::string& content) {
 }
 
 // A fresh folder under the test temp dir.
+// Folders made by NewTempDir in this process.
+inline std::vector<std::string>& TempDirs() {
+  static auto* dirs = new std::vector<std::string>();
+  return *dirs;
+}
+
+// At exit: removes the folders when every test passed (or always, when
+// TESSERA_KEEP_TEST_DIRS is unset and nothing failed); otherwise says where
+// they are, for the logs of the failed run.
+inline void RemoveTempDirsAtExit() {
+  const bool passed = ::testing::UnitTest::GetInstance()->Passed();
+  if (!passed || std::getenv("TESSERA_KEEP_TEST_DIRS") != nullptr) {
+    for (const std::string& d : TempDirs()) std::cerr << "kept " << d << std::endl;
+    return;
+  }
+  std::error_code ignored;
+  for (const std::string& d : TempDirs()) std::filesystem::remove_all(d, ignored);
+}
+
+// A new empty folder under the test temp folder, removed when the test
+// binary exits after every test passed.
 inline std::string NewTempDir(const std::string& name) {
   std::string dir = absl::StrCat(::testing::TempDir(), "/", name, "-XXXXXX");
   if (mkdtemp(dir.data()) == nullptr) ADD_FAILURE() << "mkdtemp failed";
+  if (TempDirs().empty()) std::atexit(RemoveTempDirsAtExit);
+  TempDirs().push_back(dir);
   return dir;
 }
 

@@ -54,6 +54,7 @@ class FaultTest : public ::testing::Test {
                 absl::StrCat("--summary_json=", dir_, "/summary-", rank, ".json")};
     opt.argv.insert(opt.argv.end(), job_.begin(), job_.end());
     opt.argv.insert(opt.argv.end(), extra_.begin(), extra_.end());
+    opt.argv.insert(opt.argv.end(), worker_extra_.begin(), worker_extra_.end());
     opt.stdout_path = opt.stderr_path = absl::StrCat(dir_, "/worker-", rank, ".log");
     auto p = Subprocess::Spawn(opt);
     EXPECT_TRUE(p.ok()) << p.status();
@@ -86,7 +87,8 @@ class FaultTest : public ::testing::Test {
   std::string dir_;
   std::vector<int> ports_;
   std::vector<std::string> job_;
-  std::vector<std::string> extra_;
+  std::vector<std::string> extra_;         // servers and workers
+  std::vector<std::string> worker_extra_;  // workers only
   std::vector<std::unique_ptr<Subprocess>> servers_;
   std::vector<std::unique_ptr<Subprocess>> workers_;
 };
@@ -137,6 +139,30 @@ TEST_F(FaultTest, FrozenServerResumesAfterCont) {
     ASSERT_TRUE(status.has_value()) << "a worker hung after SIGCONT";
     EXPECT_EQ(*status, 0) << ReadFile(dir_ + "/worker-0.log");
   }
+  EXPECT_GE(TestAccuracy(0), 0.75);
+}
+
+// A server frozen for longer than the workers' per-request deadline: the
+// overdue requests fail with DEADLINE_EXCEEDED well before keepalive (about
+// 15 s) would notice, are retried on new streams, and training finishes
+// after SIGCONT.
+TEST_F(FaultTest, RequestDeadlineFiresWhileServerIsFrozen) {
+  extra_ = {"--max_steps=300"};
+  worker_extra_ = {"--request_timeout_s=2"};
+  StartCluster();
+  ASSERT_TRUE(WaitFor(dir_ + "/server-1.log", "checkpoint at step 10", absl::Seconds(60)));
+  servers_[1]->Signal(SIGSTOP);
+  const bool noticed =
+      WaitFor(dir_ + "/worker-0.log", "no reply within 2s; retrying", absl::Seconds(8));
+  for (auto& w : workers_) EXPECT_FALSE(w->Poll().has_value()) << "a worker gave up";
+  servers_[1]->Signal(SIGCONT);
+  EXPECT_TRUE(noticed) << ReadFile(dir_ + "/worker-0.log");
+  for (auto& w : workers_) {
+    std::optional<int> status = w->Wait(absl::Seconds(120));
+    ASSERT_TRUE(status.has_value()) << "a worker hung after SIGCONT";
+    EXPECT_EQ(*status, 0) << ReadFile(dir_ + "/worker-0.log");
+  }
+  EXPECT_TRUE(absl::StrContains(ReadFile(dir_ + "/worker-0.log"), "reconnected"));
   EXPECT_GE(TestAccuracy(0), 0.75);
 }
 

@@ -22,6 +22,67 @@ namespace {
 using tessera::v1::ClientMessage;
 using tessera::v1::ServerMessage;
 
+// Bounds each request on a stream: a message exchange on a gRPC stream has
+// no deadline of its own (the stream's would end the whole session), so a
+// thread cancels the stream's context when the reply to the armed request
+// is overdue. The caller sees the cancelled stream fail, learns from
+// Disarm() that the deadline did it, and retries on a new stream.
+// Thread-safe.
+class RequestWatchdog {
+ public:
+  RequestWatchdog() : thread_([this] { Loop(); }) {}
+  ~RequestWatchdog() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    thread_.join();
+  }
+
+  // Cancels `context` unless Disarm() is called before `deadline`.
+  void Arm(grpc::ClientContext* context, absl::Time deadline) {
+    absl::MutexLock lock(&mu_);
+    context_ = context;
+    deadline_ = deadline;
+    fired_ = false;
+  }
+
+  // Returns true when the deadline passed and the context was cancelled.
+  bool Disarm() {
+    absl::MutexLock lock(&mu_);
+    context_ = nullptr;
+    return fired_;
+  }
+
+ private:
+  void Loop() {
+    absl::MutexLock lock(&mu_);
+    while (!stop_) {
+      if (context_ != nullptr && absl::Now() >= deadline_) {
+        context_->TryCancel();
+        context_ = nullptr;
+        fired_ = true;
+      }
+      // Woken by Arm, Disarm and the destructor (any change of these
+      // fields), or at the armed deadline.
+      grpc::ClientContext* const armed = context_;
+      const absl::Time deadline = deadline_;
+      auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return stop_ || context_ != armed || deadline_ != deadline;
+      };
+      mu_.AwaitWithDeadline(absl::Condition(&changed),
+                            armed != nullptr ? deadline : absl::InfiniteFuture());
+    }
+  }
+
+  absl::Mutex mu_;
+  grpc::ClientContext* context_ ABSL_GUARDED_BY(mu_) = nullptr;
+  absl::Time deadline_ ABSL_GUARDED_BY(mu_);
+  bool fired_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;  // last: starts after the fields above exist
+};
+
 // One shard's stream and the messages reused on it. Not thread-safe: only
 // the shard's own lane touches it.
 class ShardStream {
@@ -162,10 +223,18 @@ class ShardStream {
 
   absl::Status Exchange(ClientMessage* request) {
     request->set_request_id(next_id_++);
-    if (!stream_->Write(*request) || !stream_->Read(&reply_)) {
+    watchdog_.Arm(context_.get(), absl::Now() + options_.request_timeout);
+    const bool ok = stream_->Write(*request) && stream_->Read(&reply_);
+    const bool overdue = watchdog_.Disarm();
+    if (!ok) {
       absl::Status s = FromGrpcStatus(stream_->Finish());
       stream_.reset();
-      if (s.ok()) s = absl::UnavailableError("stream closed by the server");
+      if (overdue) {
+        s = absl::DeadlineExceededError(
+            absl::StrCat("no reply within ", absl::FormatDuration(options_.request_timeout)));
+      } else if (s.ok()) {
+        s = absl::UnavailableError("stream closed by the server");
+      }
       return Annotate(s, Where());
     }
     if (reply_.request_id() != request->request_id()) {
@@ -208,6 +277,7 @@ class ShardStream {
   std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  RequestWatchdog watchdog_;
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received
   int64_t payload_bytes_ = 0;  // pushed plus pulled

@@ -33,6 +33,11 @@ struct GrpcClientOptions {
   // How long one request keeps retrying (reopening its stream with
   // exponential backoff) while a server is unreachable or restarting.
   absl::Duration retry_timeout = absl::Seconds(120);
+  // Longest wait for the reply to one request on a stream (a synchronous
+  // pull may wait for the step's barrier, so keep this above the job's
+  // barrier timeout); an overdue request fails with DEADLINE_EXCEEDED and
+  // is retried on a new stream.
+  absl::Duration request_timeout = absl::Seconds(65);
 };
 
 // Opens a stream to every shard and says Hello on each. Shards are served in
@@ -41,9 +46,10 @@ struct GrpcClientOptions {
 // unreachable, restarting or stopping (UNAVAILABLE, CANCELLED, ABORTED, a
 // broken stream) reopens the stream and is sent again, with exponential
 // backoff, for up to retry_timeout; exactly-once apply on the servers makes
-// the resend safe. Keepalive pings notice a silently dead server. kUnavailable naming the shard and address when
-// a server cannot be reached; kFailedPrecondition when a server rejects the
-// Hello (other job, wrong shard order).
+// the resend safe. Keepalive pings notice a silently dead server, and every
+// request has its own deadline (request_timeout). kUnavailable naming the
+// shard and address when a server cannot be reached; kFailedPrecondition
+// when a server rejects the Hello (other job, wrong shard order).
 absl::StatusOr<std::unique_ptr<ParameterClient>> CreateGrpcParameterClient(
     const Partition& partition, const GrpcClientOptions& options);
 

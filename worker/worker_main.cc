@@ -58,6 +58,10 @@ ABSL_FLAG(int32_t, connect_timeout_s, 60, "Seconds to wait for each server.");
 ABSL_FLAG(int32_t, retry_timeout_s, 120,
           "Seconds a request keeps retrying while its server is unreachable or "
           "restarting, before the worker gives up.");
+ABSL_FLAG(int32_t, request_timeout_s, 0,
+          "Seconds one request on a server stream may wait for its reply before "
+          "the stream is abandoned and the request retried (0: the job's "
+          "barrier timeout plus 5 s, since a synchronous pull waits for the barrier).");
 ABSL_FLAG(std::string, logdir, "",
           "Write TensorBoard event files (loss curves) to this folder; only "
           "rank 0 writes.");
@@ -158,6 +162,12 @@ int main(int argc, char** argv) {
                              " addresses but job.num_shards is ", job->num_shards()));
   }
   const uint64_t job_hash = tessera::JobHash(*job);
+  for (const auto& [name, value] :
+       {std::pair<const char*, int32_t>{"--connect_timeout_s", absl::GetFlag(FLAGS_connect_timeout_s)},
+        {"--retry_timeout_s", absl::GetFlag(FLAGS_retry_timeout_s)},
+        {"--request_timeout_s", absl::GetFlag(FLAGS_request_timeout_s)}}) {
+    if (value < 0) return Fail(absl::StrCat(name, " must not be negative, got ", value));
+  }
 
   absl::StatusOr<tessera::ModelSpec> model =
       tessera::ParseModelSpec(job->model(), tessera::JobLoss(*job));
@@ -216,6 +226,10 @@ int main(int argc, char** argv) {
   client_options.wire_dtype = job->wire_dtype();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   client_options.retry_timeout = absl::Seconds(absl::GetFlag(FLAGS_retry_timeout_s));
+  client_options.request_timeout =
+      absl::GetFlag(FLAGS_request_timeout_s) > 0
+          ? absl::Seconds(absl::GetFlag(FLAGS_request_timeout_s))
+          : absl::Milliseconds(job->consistency().barrier_timeout_ms()) + absl::Seconds(5);
   int64_t largest_shard = 0;
   for (int s = 0; s < job->num_shards(); ++s) {
     largest_shard = std::max(largest_shard, partition->shard_bytes(s));
