@@ -141,6 +141,7 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
           absl::StrCat("--wire_dtype: expected f32 or bf16, got '", *o.wire_dtype, "'"));
     }
   }
+  if (o.top_k_fraction) job->set_top_k_fraction(*o.top_k_fraction);
   if (o.checkpoint_every_steps) {
     job->mutable_checkpoint()->set_every_steps(*o.checkpoint_every_steps);
   }
@@ -194,6 +195,11 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   }
   if (job->max_steps() < 0) {
     return FieldError("max_steps", "must not be negative");
+  }
+  if (!(job->top_k_fraction() >= 0.0 && job->top_k_fraction() <= 1.0)) {
+    return FieldError("top_k_fraction",
+                      absl::StrCat("must be in [0, 1] (0: dense pushes), got ",
+                                   job->top_k_fraction()));
   }
   if (job->checkpoint().every_steps() < 0) {
     return FieldError("checkpoint.every_steps", "must not be negative");

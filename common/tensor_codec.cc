@@ -1,5 +1,6 @@
 #include "common/tensor_codec.h"
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -158,6 +159,100 @@ bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& byt
 bool AllFinite(absl::Span<const float> values) {
   return PayloadFinite(tessera::v1::F32,
                        reinterpret_cast<const char*>(values.data()), values.size());
+}
+
+namespace {
+
+uint32_t IndexAt(const std::string& indices, int64_t i) {
+  uint32_t v;
+  std::memcpy(&v, indices.data() + 4 * i, 4);
+  return v;
+}
+
+float ValueAt(tessera::v1::DType dtype, const std::string& data, int64_t i) {
+  if (dtype == tessera::v1::BF16) return FromBF16(BF16At(data, i));
+  float v;
+  std::memcpy(&v, data.data() + 4 * i, 4);
+  return v;
+}
+
+}  // namespace
+
+void EncodeTopK(tessera::v1::DType dtype, absl::Span<const float> grad, int64_t k,
+                absl::Span<float> residual, std::vector<uint32_t>* scratch,
+                std::string* indices, std::string* data) {
+  const int64_t n = static_cast<int64_t>(grad.size());
+  k = std::clamp<int64_t>(k, n > 0 ? 1 : 0, n);
+  for (int64_t i = 0; i < n; ++i) residual[i] += grad[i];
+  std::vector<uint32_t>& order = *scratch;
+  order.resize(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = static_cast<uint32_t>(i);
+  if (k < n) {
+    // Largest magnitude first; ties broken by position so the choice is
+    // deterministic.
+    std::nth_element(order.begin(), order.begin() + k, order.end(),
+                     [&](uint32_t a, uint32_t b) {
+                       const float fa = std::fabs(residual[a]), fb = std::fabs(residual[b]);
+                       return fa > fb || (fa == fb && a < b);
+                     });
+    std::sort(order.begin(), order.begin() + k);
+  }
+  indices->resize(4 * k);
+  data->resize(DTypeSize(dtype) * k);
+  for (int64_t j = 0; j < k; ++j) {
+    const uint32_t i = order[j];
+    std::memcpy(indices->data() + 4 * j, &i, 4);
+    const float v = residual[i];
+    if (dtype == tessera::v1::BF16) {
+      const uint16_t h = ToBF16(v);
+      std::memcpy(data->data() + 2 * j, &h, 2);
+      residual[i] = v - FromBF16(h);
+    } else {
+      std::memcpy(data->data() + 4 * j, &v, 4);
+      residual[i] = 0.0f;
+    }
+  }
+}
+
+absl::Status ValidateSparse(tessera::v1::DType dtype, const std::string& indices,
+                            const std::string& data, int64_t n) {
+  const int width = DTypeSize(dtype);
+  if (width == 0) return absl::InvalidArgumentError("sparse payload: unsupported dtype");
+  if (indices.size() % 4 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sparse indices have ", indices.size(), " bytes, not a whole number of uint32"));
+  }
+  const int64_t count = static_cast<int64_t>(indices.size() / 4);
+  if (count > n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse payload has ", count, " indices for a block of ", n));
+  }
+  if (static_cast<int64_t>(data.size()) != count * width) {
+    return absl::InvalidArgumentError(absl::StrCat("sparse payload has ", data.size(),
+                                                   " value bytes, expected ", count * width,
+                                                   " for ", count, " indices"));
+  }
+  int64_t previous = -1;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = IndexAt(indices, j);
+    if (i >= n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparse index ", i, " is outside the block of ", n));
+    }
+    if (i <= previous) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sparse indices are not strictly increasing (", i, " after ", previous,
+                       ")"));
+    }
+    previous = i;
+  }
+  return absl::OkStatus();
+}
+
+void ScatterAddInto(tessera::v1::DType dtype, const std::string& indices,
+                    const std::string& data, float* acc) {
+  const int64_t count = static_cast<int64_t>(indices.size() / 4);
+  for (int64_t j = 0; j < count; ++j) acc[IndexAt(indices, j)] += ValueAt(dtype, data, j);
 }
 
 }  // namespace tessera

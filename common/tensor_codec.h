@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/types/span.h"
@@ -46,6 +47,31 @@ bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& byt
 
 // Returns true when every value is finite (no NaN, no +-Inf).
 bool AllFinite(absl::Span<const float> values);
+
+// Sparse blocks (TensorBlock.sparse): `indices` holds little-endian uint32
+// positions within the block, strictly increasing; `data` one value per
+// index; every other element is zero.
+
+// Top-k sparsification with error feedback. Adds `grad` to `residual`
+// (the error carried over from earlier steps), picks the k elements of the
+// sum with the largest magnitude (k clamped to [1, size]), writes them to
+// `indices` and `data` (in `dtype`, F32 or BF16) and leaves in `residual`
+// what was not sent: the unsent elements whole, and for the sent ones their
+// rounding error in `dtype`. `scratch` is reused working space. Buffers
+// keep their capacity from call to call.
+void EncodeTopK(tessera::v1::DType dtype, absl::Span<const float> grad, int64_t k,
+                absl::Span<float> residual, std::vector<uint32_t>* scratch,
+                std::string* indices, std::string* data);
+
+// Checks a sparse payload against a block of `n` elements: whole uint32
+// indices, strictly increasing, below n; one `dtype` value per index.
+// kInvalidArgument naming the problem otherwise.
+absl::Status ValidateSparse(tessera::v1::DType dtype, const std::string& indices,
+                            const std::string& data, int64_t n);
+
+// Adds a validated sparse payload into `acc` (acc[index] += value).
+void ScatterAddInto(tessera::v1::DType dtype, const std::string& indices,
+                    const std::string& data, float* acc);
 
 }  // namespace tessera
 

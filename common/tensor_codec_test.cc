@@ -251,5 +251,84 @@ TEST(Bf16CodecTest, FinitenessAccumulationAndSizeChecks) {
   EXPECT_EQ(out, (std::vector<float>(3, -1.0f)));
 }
 
+std::vector<uint32_t> Indices(const std::string& bytes) {
+  std::vector<uint32_t> out(bytes.size() / 4);
+  std::memcpy(out.data(), bytes.data(), bytes.size());
+  return out;
+}
+
+std::vector<float> Values(const std::string& bytes) {
+  std::vector<float> out(bytes.size() / 4);
+  std::memcpy(out.data(), bytes.data(), bytes.size());
+  return out;
+}
+
+TEST(TopKTest, SendsTheLargestMagnitudesAndKeepsTheRestAsResidual) {
+  const std::vector<float> grad = {0.1f, -5.0f, 0.2f, 3.0f, -0.3f, 4.0f};
+  std::vector<float> residual(6, 0.0f);
+  residual[0] = 10.0f;  // carried over: 0.1 + 10 is now the largest
+  std::vector<uint32_t> scratch;
+  std::string indices, data;
+  EncodeTopK(tessera::v1::F32, grad, 3, absl::MakeSpan(residual), &scratch, &indices, &data);
+  EXPECT_EQ(Indices(indices), (std::vector<uint32_t>{0, 1, 5}));  // increasing
+  EXPECT_EQ(Values(data), (std::vector<float>{10.1f, -5.0f, 4.0f}));
+  // Sent elements leave nothing behind, the others all of their sum.
+  EXPECT_EQ(residual, (std::vector<float>{0.0f, 0.0f, 0.2f, 3.0f, -0.3f, 0.0f}));
+  // Next step: the residual 3.0 plus a small gradient wins.
+  EncodeTopK(tessera::v1::F32, std::vector<float>(6, 0.5f), 1, absl::MakeSpan(residual),
+             &scratch, &indices, &data);
+  EXPECT_EQ(Indices(indices), (std::vector<uint32_t>{3}));
+  EXPECT_EQ(Values(data), (std::vector<float>{3.5f}));
+  // Sent plus residual always equals everything pushed so far.
+  std::vector<float> total(6, 0.0f);
+  ScatterAddInto(tessera::v1::F32, indices, data, total.data());
+  EXPECT_FLOAT_EQ(total[3] + residual[3], 3.0f + 0.5f);
+}
+
+TEST(TopKTest, KIsClampedAndBf16KeepsItsRoundingErrorAsResidual) {
+  std::vector<float> residual(4, 0.0f);
+  std::vector<uint32_t> scratch;
+  std::string indices, data;
+  const std::vector<float> grad = {1.0f + 1.0f / 1024, 2.0f, 3.0f, 4.0f};
+  EncodeTopK(tessera::v1::BF16, grad, 100, absl::MakeSpan(residual), &scratch, &indices, &data);
+  EXPECT_EQ(Indices(indices), (std::vector<uint32_t>{0, 1, 2, 3}));
+  EXPECT_EQ(data.size(), 8u);
+  // 1 + 2^-10 is not a bfloat16 (8 bits of mantissa): it goes as 1.0 and
+  // the 2^-10 stays behind.
+  EXPECT_EQ(residual[0], 1.0f / 1024);
+  EXPECT_EQ(residual[3], 0.0f);
+  EncodeTopK(tessera::v1::F32, grad, 0, absl::MakeSpan(residual), &scratch, &indices, &data);
+  EXPECT_EQ(Indices(indices).size(), 1u);  // at least one element goes
+}
+
+TEST(SparseValidationTest, RefusesMalformedPayloads) {
+  auto idx = [](std::vector<uint32_t> v) {
+    return std::string(reinterpret_cast<const char*>(v.data()), 4 * v.size());
+  };
+  const std::string two_values(8, '\0');
+  EXPECT_TRUE(ValidateSparse(tessera::v1::F32, idx({0, 7}), two_values, 8).ok());
+  EXPECT_TRUE(ValidateSparse(tessera::v1::F32, "", "", 8).ok());
+  struct Case {
+    const char* name;
+    std::string indices, data;
+    const char* says;
+  };
+  const Case cases[] = {
+      {"index out of range", idx({0, 8}), two_values, "outside the block"},
+      {"not increasing", idx({3, 1}), two_values, "strictly increasing"},
+      {"duplicate index", idx({2, 2}), two_values, "strictly increasing"},
+      {"too few values", idx({0, 1}), std::string(4, '\0'), "value bytes"},
+      {"torn index", idx({0}) + "ab", std::string(4, '\0'), "whole number"},
+      {"more indices than elements", idx({0, 1, 2}), std::string(12, '\0'), "for a block of 2"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    const int64_t n = std::string(c.name) == "more indices than elements" ? 2 : 8;
+    absl::Status s = ValidateSparse(tessera::v1::F32, c.indices, c.data, n);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(s.message().find(c.says), std::string::npos) << s.message();
+  }
+}
+
 }  // namespace
 }  // namespace tessera

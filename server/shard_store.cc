@@ -114,12 +114,22 @@ absl::Status ShardStore::Validate(const PushRequest& request,
     }
     const int64_t n = blocks_[id]->info.num_elements;
     const int64_t width = DTypeSize(tb.dtype());
-    if (static_cast<int64_t>(tb.data().size()) != n * width) {
+    int64_t values = n;
+    if (tb.sparse()) {
+      absl::Status sparse = ValidateSparse(tb.dtype(), tb.indices(), tb.data(), n);
+      if (!sparse.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat("block ", id, ": ", sparse.message()));
+      }
+      values = static_cast<int64_t>(tb.indices().size() / 4);
+    } else if (static_cast<int64_t>(tb.data().size()) != n * width) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": payload has ", tb.data().size(),
                        " bytes, expected ", n * width));
+    } else if (!tb.indices().empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("block ", id, ": indices on a dense block (set sparse)"));
     }
-    if (!PayloadWithinGradientLimit(tb.dtype(), tb.data(), n)) {
+    if (!PayloadWithinGradientLimit(tb.dtype(), tb.data(), values)) {
       *nonfinite = true;
       return absl::InvalidArgumentError(absl::StrCat(
           "block ", id, ": gradient has NaN or infinite values, or values of magnitude >= 2^101"));
@@ -278,7 +288,11 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
   for (const tessera::v1::TensorBlock& tb : request.blocks()) {
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
-    AccumulateInto(tb.dtype(), tb.data(), b->accum.data(), b->info.num_elements);
+    if (tb.sparse()) {
+      ScatterAddInto(tb.dtype(), tb.indices(), tb.data(), b->accum.data());
+    } else {
+      AccumulateInto(tb.dtype(), tb.data(), b->accum.data(), b->info.num_elements);
+    }
   }
   bool apply = false;
   int contributors = 0;
@@ -415,7 +429,14 @@ void ShardStore::ApplyDirect(const PushRequest& request) {
     for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
     ++b->updates;
     const float* grad = PayloadFloats(tb);
-    if (tb.dtype() != tessera::v1::F32) {
+    if (tb.sparse()) {
+      // Sparse gradients are densified (zeros elsewhere) into the block's
+      // scratch buffer, so every optimizer sees the same dense update.
+      if (b->scratch.size() == 0) b->scratch = AlignedBuffer(b->info.num_elements);
+      std::fill(b->scratch.data(), b->scratch.data() + b->info.num_elements, 0.0f);
+      ScatterAddInto(tb.dtype(), tb.indices(), tb.data(), b->scratch.data());
+      grad = b->scratch.data();
+    } else if (tb.dtype() != tessera::v1::F32) {
       // Compressed gradients are widened into the block's scratch buffer;
       // the optimizer always works in F32.
       if (b->scratch.size() == 0) b->scratch = AlignedBuffer(b->info.num_elements);

@@ -412,6 +412,76 @@ TEST(ShardStoreTest, Bf16PushesAndPullsKeepF32State) {
   EXPECT_EQ((*store)->Push(0, 1, wrong).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A sparse push of the elements at `positions` (within each block) set to
+// `value`; every other element zero.
+PushRequest SparsePush(const ShardStore& store, int64_t step, float value,
+                       const std::vector<uint32_t>& positions) {
+  PushRequest push;
+  push.set_step(step);
+  for (uint32_t id : store.partition().shard_blocks(store.shard())) {
+    const BlockInfo& b = store.partition().blocks()[id];
+    tessera::v1::TensorBlock* tb = push.add_blocks();
+    tb->set_block_id(id);
+    tb->set_dtype(tessera::v1::F32);
+    tb->set_sparse(true);
+    std::vector<float> values;
+    for (uint32_t p : positions) {
+      if (p >= b.num_elements) continue;
+      tb->mutable_indices()->append(reinterpret_cast<const char*>(&p), 4);
+      values.push_back(value);
+    }
+    EncodeF32(values, tb->mutable_data());
+  }
+  return push;
+}
+
+TEST(ShardStoreTest, SparsePushesMoveOnlyTheirElements) {
+  for (auto mode : {tessera::v1::ASYNC, tessera::v1::SYNC}) {
+    SCOPED_TRACE(tessera::v1::ConsistencyMode_Name(mode));
+    auto store = ShardStore::Create(ExactSumJob(mode, 2), 0);
+    ASSERT_TRUE(store.ok());
+    const ShardState start = (*store)->Snapshot();
+    // Worker 0 sends element 1 of every block, worker 1 elements 0 and 1.
+    ASSERT_TRUE((*store)->Push(0, 1, SparsePush(**store, 0, 2.0f, {1})).ok());
+    ASSERT_TRUE((*store)->Push(1, 1, SparsePush(**store, 0, 4.0f, {0, 1})).ok());
+    const ShardState end = (*store)->Snapshot();
+    for (size_t b = 0; b < end.blocks.size(); ++b) {
+      for (size_t i = 0; i < end.blocks[b].params.size(); ++i) {
+        // SGD, learning rate 1. ASYNC applies each push; SYNC their mean.
+        float delta = 0;
+        if (mode == tessera::v1::ASYNC) {
+          delta = (i == 1 ? 2.0f : 0.0f) + (i <= 1 ? 4.0f : 0.0f);
+        } else {
+          delta = ((i == 1 ? 2.0f : 0.0f) + (i <= 1 ? 4.0f : 0.0f)) / 2;
+        }
+        EXPECT_EQ(end.blocks[b].params[i], start.blocks[b].params[i] - delta)
+            << "block " << b << " element " << i;
+      }
+    }
+  }
+}
+
+TEST(ShardStoreTest, MalformedSparsePushesAreRejectedAndChangeNothing) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 1), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  PushRequest unsorted = SparsePush(**store, 0, 1.0f, {2, 0});
+  PushRequest out_of_range = SparsePush(**store, 0, 1.0f, {0});
+  const uint32_t far = 1000;
+  out_of_range.mutable_blocks(0)->mutable_indices()->append(reinterpret_cast<const char*>(&far), 4);
+  out_of_range.mutable_blocks(0)->mutable_data()->append(4, '\0');
+  PushRequest indices_on_dense = FullPush(**store, 0, 1.0f);
+  indices_on_dense.mutable_blocks(0)->set_indices(std::string(4, '\0'));
+  PushRequest nan_value = SparsePush(**store, 0, std::numeric_limits<float>::quiet_NaN(), {0});
+  int rejected = 0;
+  for (const PushRequest* bad : {&unsorted, &out_of_range, &indices_on_dense, &nan_value}) {
+    EXPECT_EQ((*store)->Push(0, 1, *bad).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ((*store)->stats().requests_rejected, ++rejected);
+    EXPECT_EQ(AllParams(**store), before);
+  }
+  EXPECT_EQ((*store)->stats().nonfinite_rejected, 1);
+}
+
 TEST(ShardStoreTest, CreateRejectsBadShard) {
   EXPECT_EQ(ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1, 2), 2).status().code(),
             absl::StatusCode::kInvalidArgument);

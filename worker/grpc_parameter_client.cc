@@ -1,6 +1,7 @@
 #include "worker/grpc_parameter_client.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <iostream>
@@ -150,9 +151,22 @@ class ShardStream {
                                          : push->add_blocks();
       tb->set_block_id(b.id);
       tb->set_dtype(options_.wire_dtype);
-      Encode(options_.wire_dtype, grads.subspan(b.flat_offset, b.num_elements),
-             tb->mutable_data());
-      payload_bytes_ += static_cast<int64_t>(tb->data().size());
+      const absl::Span<const float> g = grads.subspan(b.flat_offset, b.num_elements);
+      if (options_.top_k_fraction > 0) {
+        // Error feedback: what a push leaves out is added to the next one.
+        // A retried request resends these same bytes, so a resend does not
+        // disturb the residual.
+        if (residual_.size() < ids.size()) residual_.resize(ids.size());
+        if (residual_[i].size() != g.size()) residual_[i].assign(g.size(), 0.0f);
+        const int64_t k = static_cast<int64_t>(
+            std::ceil(options_.top_k_fraction * static_cast<double>(g.size())));
+        tb->set_sparse(true);
+        EncodeTopK(options_.wire_dtype, g, k, absl::MakeSpan(residual_[i]), &topk_scratch_,
+                   tb->mutable_indices(), tb->mutable_data());
+      } else {
+        Encode(options_.wire_dtype, g, tb->mutable_data());
+      }
+      payload_bytes_ += static_cast<int64_t>(tb->data().size() + tb->indices().size());
     }
     TESSERA_RETURN_IF_ERROR(Call(&push_));
     *applied = reply_.push().applied();
@@ -277,6 +291,10 @@ class ShardStream {
   std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  // Top-k error feedback: per owned block (in shard_blocks order), what
+  // earlier pushes left out.
+  std::vector<std::vector<float>> residual_;
+  std::vector<uint32_t> topk_scratch_;
   RequestWatchdog watchdog_;
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received

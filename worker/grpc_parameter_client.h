@@ -26,6 +26,9 @@ struct GrpcClientOptions {
   int max_message_bytes = 64 << 20;
   // Element type of pushed gradients (F32 or BF16).
   tessera::v1::DType wire_dtype = tessera::v1::F32;
+  // Top-k sparsified pushes with error feedback (JobSpec.top_k_fraction);
+  // 0: dense.
+  double top_k_fraction = 0;
   // Channel credentials (TLS, tokens); null means plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
   // How long to wait for each server to accept a connection.

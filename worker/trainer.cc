@@ -108,13 +108,14 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
                         "\"batch_size\": %d, \"duplicate_acks\": %d, "
                         "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
-                        "\"skipped_steps\": %d}\n",
+                        "\"top_k_fraction\": %.6g, \"skipped_steps\": %d}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
                         job.num_workers(), job.num_shards(), job.batch_size(),
                         s.duplicate_acks, s.payload_bytes_per_step,
-                        tessera::v1::DType_Name(job.wire_dtype()), s.skipped_steps);
+                        tessera::v1::DType_Name(job.wire_dtype()), job.top_k_fraction(),
+                        s.skipped_steps);
   return json;
 }
 

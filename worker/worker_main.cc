@@ -224,6 +224,7 @@ int main(int argc, char** argv) {
   client_options.job_hash = job_hash;
   client_options.credentials = *credentials;
   client_options.wire_dtype = job->wire_dtype();
+  client_options.top_k_fraction = job->top_k_fraction();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
   client_options.retry_timeout = absl::Seconds(absl::GetFlag(FLAGS_retry_timeout_s));
   client_options.request_timeout =
