@@ -51,6 +51,9 @@ ABSL_FLAG(std::optional<int64_t>, checkpoint_every_seconds, std::nullopt,
           "Override job.checkpoint.every_seconds.");
 ABSL_FLAG(std::optional<double>, top_k_fraction, std::nullopt,
           "Override job.top_k_fraction (top-k sparsified pushes with error feedback; 0: dense).");
+ABSL_FLAG(std::optional<bool>, overlap, std::nullopt,
+          "Override job.overlap (ASYNC/SSP: compute the next gradient while the previous "
+          "push and pull travel).");
 ABSL_FLAG(std::optional<std::string>, wire_dtype, std::nullopt,
           "Override job.wire_dtype: f32, or bf16 to halve the bytes on the wire.");
 
@@ -121,6 +124,7 @@ JobOverrides JobOverridesFromFlags() {
   o.checkpoint_every_seconds = absl::GetFlag(FLAGS_checkpoint_every_seconds);
   o.wire_dtype = absl::GetFlag(FLAGS_wire_dtype);
   o.top_k_fraction = absl::GetFlag(FLAGS_top_k_fraction);
+  o.overlap = absl::GetFlag(FLAGS_overlap);
   return o;
 }
 
@@ -162,6 +166,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_checkpoint_every_seconds, "checkpoint_every_seconds", &out);
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
+  Forward(FLAGS_overlap, "overlap", &out);
   return out;
 }
 

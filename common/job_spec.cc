@@ -142,6 +142,7 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
     }
   }
   if (o.top_k_fraction) job->set_top_k_fraction(*o.top_k_fraction);
+  if (o.overlap) job->set_overlap(*o.overlap);
   if (o.checkpoint_every_steps) {
     job->mutable_checkpoint()->set_every_steps(*o.checkpoint_every_steps);
   }

@@ -30,6 +30,7 @@ struct JobOverrides {
   std::optional<int64_t> checkpoint_every_seconds;
   std::optional<std::string> wire_dtype;  // "f32" or "bf16"
   std::optional<double> top_k_fraction;
+  std::optional<bool> overlap;
 };
 
 // Parses text-format `text`; `source` names it in errors ("job.textproto:3:5:

@@ -5,6 +5,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -126,6 +127,23 @@ ClientMessage Push(int64_t step, float value, bool return_parameters = false,
   return m;
 }
 
+// The same push as top-k sparse blocks: elements 0 and 2 of each block.
+ClientMessage SparsePush(int64_t step, float value) {
+  ClientMessage m = Push(step, value);
+  for (tessera::v1::TensorBlock& tb : *m.mutable_push()->mutable_blocks()) {
+    tb.set_sparse(true);
+    std::vector<float> values;
+    tb.clear_indices();
+    for (uint32_t i : {0u, 2u}) {
+      if (i >= tb.data().size() / 4) continue;
+      tb.mutable_indices()->append(reinterpret_cast<const char*>(&i), 4);
+      values.push_back(value);
+    }
+    EncodeF32(values, tb.mutable_data());
+  }
+  return m;
+}
+
 void PushSeeds(const std::string& dir) {
   Write(dir, "sync-step", PushSeed(tessera::v1::SYNC)
                               .Send(0, 1, Hello(0, 1))
@@ -147,6 +165,17 @@ void PushSeeds(const std::string& dir) {
                                                     .Send(0, 1, Push(1, 1.0f))
                                                     .Send(0, 3, Push(0, 1.0f))
                                                     .bytes());
+  for (auto mode : {tessera::v1::SYNC, tessera::v1::ASYNC}) {
+    ClientMessage unsorted = SparsePush(1, 1.0f);
+    std::string* idx = unsorted.mutable_push()->mutable_blocks(0)->mutable_indices();
+    if (idx->size() >= 8) std::swap_ranges(idx->begin(), idx->begin() + 4, idx->begin() + 4);
+    Write(dir, absl::StrCat("sparse-", ModeName(mode)), PushSeed(mode)
+                                                          .Send(0, 0, SparsePush(0, 0.5f))
+                                                          .Send(1, 0, SparsePush(0, -2.0f))
+                                                          .Send(0, 0, unsorted)
+                                                          .Send(0, 0, SparsePush(1, 1.0f))
+                                                          .bytes());
+  }
   Write(dir, "disconnect-completes-step", PushSeed(tessera::v1::SYNC)
                                               .Send(0, 0, Push(0, 2.0f))
                                               .Disconnect(1, 0)

@@ -41,7 +41,10 @@ JobSpec RegressionJob(int workers, int batch, tessera::v1::ConsistencyMode mode)
 
 // Runs every worker of `job` in its own thread against in-process shards;
 // returns each worker's summary.
-std::vector<TrainSummary> RunCluster(const JobSpec& job) {
+// `stores_out`, when given, receives the shards, so their counters can be
+// read after the run.
+std::vector<TrainSummary> RunCluster(
+    const JobSpec& job, std::vector<std::unique_ptr<ShardStore>>* stores_out = nullptr) {
   absl::StatusOr<ModelSpec> model = ParseModelSpec(job.model(), JobLoss(job));
   EXPECT_TRUE(model.ok());
   absl::StatusOr<JobData> data = LoadJobData(job, *model);
@@ -71,6 +74,7 @@ std::vector<TrainSummary> RunCluster(const JobSpec& job) {
     });
   }
   for (auto& t : threads) t.join();
+  if (stores_out != nullptr) *stores_out = std::move(stores);
   return summaries;
 }
 
@@ -109,6 +113,34 @@ TEST(InProcessTrainingTest, EveryModeLearnsTheSeedRegression) {
     ASSERT_EQ(s[0].epochs.size(), 3u);
     // Better than predicting the mean by a wide margin: the MSE of the mean
     // predictor is the targets' variance.
+    auto model = ParseModelSpec(job.model(), JobLoss(job));
+    ASSERT_TRUE(model.ok());
+    auto data = LoadJobData(job, *model);
+    ASSERT_TRUE(data.ok());
+    double mean = 0, var = 0;
+    for (float t : data->test.targets) mean += t;
+    mean /= data->test.targets.size();
+    for (float t : data->test.targets) var += (t - mean) * (t - mean);
+    var /= data->test.targets.size();
+    EXPECT_LT(s[0].epochs.back().val_loss, 0.3 * var) << "target variance " << var;
+  }
+}
+
+TEST(InProcessTrainingTest, OverlappedAsyncAndSspLearnAndPushEveryStepOnce) {
+  for (auto mode : {tessera::v1::ASYNC, tessera::v1::SSP}) {
+    SCOPED_TRACE(ModeName(mode));
+    JobSpec job = RegressionJob(2, 16, mode);
+    job.set_overlap(true);
+    std::vector<std::unique_ptr<ShardStore>> stores;
+    std::vector<TrainSummary> s = RunCluster(job, &stores);
+    ASSERT_EQ(s[0].epochs.size(), 3u);
+    // 800 training rows, 2 workers x 16: 25 steps per epoch, 75 in all, and
+    // every one of each worker's pushes reached every shard exactly once.
+    EXPECT_EQ(s[0].steps, 75);
+    for (const auto& store : stores) {
+      EXPECT_EQ(store->stats().pushes_applied, 2 * 75);
+      EXPECT_EQ(store->stats().pushes_duplicate, 0);
+    }
     auto model = ParseModelSpec(job.model(), JobLoss(job));
     ASSERT_TRUE(model.ok());
     auto data = LoadJobData(job, *model);

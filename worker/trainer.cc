@@ -2,11 +2,15 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
+#include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/aligned_buffer.h"
 #include "common/job_spec.h"
@@ -46,6 +50,83 @@ absl::Status WriteEpochScalars(EventWriter* events, int64_t step, const EpochSta
   // without a system call per step.
   return events->Flush();
 }
+
+// Runs one PushAndPull at a time on a thread of its own, so the next
+// gradient can be computed while the previous step's push and pull travel
+// (JobSpec.overlap). Start() and Wait() alternate, from one thread.
+class BackgroundExchange {
+ public:
+  explicit BackgroundExchange(ParameterClient* client)
+      : client_(client), thread_([this] { Loop(); }) {}
+
+  ~BackgroundExchange() {
+    {
+      absl::MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    thread_.join();  // after the exchange in flight, if any
+  }
+
+  // Starts PushAndPull(step, grads, params); both spans must stay untouched
+  // until Wait() returns.
+  void Start(int64_t step, absl::Span<const float> grads, absl::Span<float> params) {
+    absl::MutexLock lock(&mu_);
+    job_ = Job{step, grads, params};
+    result_.reset();
+  }
+
+  bool busy() const {
+    absl::MutexLock lock(&mu_);
+    return job_.has_value() || result_.has_value();
+  }
+
+  // Waits for the exchange Start() began and returns its outcome.
+  absl::StatusOr<ParameterClient::PushPullResult> Wait() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](std::optional<absl::StatusOr<ParameterClient::PushPullResult>>* r) {
+          return r->has_value();
+        },
+        &result_));
+    absl::StatusOr<ParameterClient::PushPullResult> out = *std::move(result_);
+    result_.reset();
+    return out;
+  }
+
+ private:
+  struct Job {
+    int64_t step;
+    absl::Span<const float> grads;
+    absl::Span<float> params;
+  };
+
+  void Loop() {
+    while (true) {
+      Job job;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || job_.has_value();
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (!job_.has_value()) return;  // stopping, nothing in flight
+        job = *job_;
+      }
+      absl::StatusOr<ParameterClient::PushPullResult> r =
+          client_->PushAndPull(job.step, job.grads, job.params);
+      absl::MutexLock lock(&mu_);
+      job_.reset();
+      result_ = std::move(r);
+    }
+  }
+
+  ParameterClient* const client_;
+  mutable absl::Mutex mu_;
+  std::optional<Job> job_ ABSL_GUARDED_BY(mu_);
+  std::optional<absl::StatusOr<ParameterClient::PushPullResult>> result_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;  // last: starts after the fields above exist
+};
 
 }  // namespace
 
@@ -108,13 +189,16 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
                         "\"batch_size\": %d, \"duplicate_acks\": %d, "
                         "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
-                        "\"top_k_fraction\": %.6g, \"skipped_steps\": %d}\n",
+                        "\"top_k_fraction\": %.6g, \"overlap\": %s, \"skipped_steps\": %d}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
                         job.num_workers(), job.num_shards(), job.batch_size(),
                         s.duplicate_acks, s.payload_bytes_per_step,
                         tessera::v1::DType_Name(job.wire_dtype()), job.top_k_fraction(),
+                        job.overlap() && job.consistency().mode() != tessera::v1::SYNC
+                            ? "true"
+                            : "false",
                         s.skipped_steps);
   return json;
 }
@@ -156,6 +240,32 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
   int64_t samples_seen = 0;
   int permutation_epoch = -1;
   const bool sync = job.consistency().mode() == tessera::v1::SYNC;
+  // Overlap (ASYNC/SSP with job.overlap): step s's gradient is computed from
+  // the parameters step s - 2's exchange returned while step s - 1's push
+  // and pull are in flight, one step more staleness for hiding the
+  // exchange. The two parameter and gradient buffers alternate: compute
+  // reads one pair while the exchange writes the other.
+  const bool overlap = job.overlap() && !sync;
+  AlignedVector<float> params_b, grads_b;
+  std::optional<BackgroundExchange> exchange;
+  absl::Span<float> cur_params = absl::MakeSpan(params), cur_grads = absl::MakeSpan(grads);
+  absl::Span<float> other_params, other_grads;
+  if (overlap) {
+    params_b = params;
+    grads_b.resize(grads.size());
+    other_params = absl::MakeSpan(params_b);
+    other_grads = absl::MakeSpan(grads_b);
+    exchange.emplace(client);
+  }
+  // Waits for the exchange in flight and leaves its (freshest) parameters
+  // in both buffers.
+  auto drain = [&]() -> absl::Status {
+    if (!exchange.has_value() || !exchange->busy()) return absl::OkStatus();
+    TESSERA_ASSIGN_OR_RETURN(const ParameterClient::PushPullResult r, exchange->Wait());
+    summary.duplicate_acks += r.not_applied;
+    std::copy(other_params.begin(), other_params.end(), cur_params.begin());
+    return absl::OkStatus();
+  };
   for (int64_t step = first_step; step < total_steps; ++step) {
     const int epoch = static_cast<int>(step / steps_per_epoch);
     const int64_t in_epoch = step % steps_per_epoch;
@@ -168,13 +278,23 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     }
     WorkerBatchRows(permutation, in_epoch, options.rank, workers, batch, &rows);
     const Batch b = buffer.Gather(train, rows);
-    TESSERA_ASSIGN_OR_RETURN(
-        const float loss,
-        backend->ComputeGradients(params, b, absl::MakeSpan(grads)));
-    TESSERA_ASSIGN_OR_RETURN(
-        const ParameterClient::PushPullResult exchanged,
-        client->PushAndPull(step, grads, absl::MakeSpan(params)));
-    summary.duplicate_acks += exchanged.not_applied;
+    TESSERA_ASSIGN_OR_RETURN(const float loss,
+                             backend->ComputeGradients(cur_params, b, cur_grads));
+    ParameterClient::PushPullResult exchanged;
+    if (overlap) {
+      if (exchange->busy()) {
+        TESSERA_ASSIGN_OR_RETURN(exchanged, exchange->Wait());
+        summary.duplicate_acks += exchanged.not_applied;
+      }
+      // The exchange writes the buffer this step's compute just read; the
+      // next compute reads the one the previous exchange filled.
+      exchange->Start(step, cur_grads, cur_params);
+      std::swap(cur_params, other_params);
+      std::swap(cur_grads, other_grads);
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(exchanged, client->PushAndPull(step, cur_grads, cur_params));
+      summary.duplicate_acks += exchanged.not_applied;
+    }
     ++summary.steps;
     samples_seen += static_cast<int64_t>(batch) * workers;
     loss_sum += loss;
@@ -202,6 +322,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       step = std::min(next, total_steps) - 1;  // the loop's ++step lands on `next`
     }
     if (!epoch_end) continue;
+    TESSERA_RETURN_IF_ERROR(drain());
 
     EpochStats stats;
     stats.seconds = absl::ToDoubleSeconds(absl::Now() - epoch_start);
@@ -211,7 +332,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
                           : 0;
     if (options.evaluate) {
       TESSERA_ASSIGN_OR_RETURN(EvalResult r,
-                               EvaluateDataset(backend, params, test, eval_chunk));
+                               EvaluateDataset(backend, cur_params, test, eval_chunk));
       stats.val_loss = r.loss_sum / std::max<int64_t>(1, r.count);
       stats.val_accuracy = static_cast<double>(r.correct) / std::max<int64_t>(1, r.count);
     }
@@ -238,7 +359,8 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     summary.test_loss = summary.epochs.back().val_loss;
     summary.test_accuracy = summary.epochs.back().val_accuracy;
   }
-  summary.final_params.assign(params.begin(), params.end());
+  TESSERA_RETURN_IF_ERROR(drain());  // an error return above leaves it to ~BackgroundExchange
+  summary.final_params.assign(cur_params.begin(), cur_params.end());
   return summary;
 }
 
