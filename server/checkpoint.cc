@@ -80,10 +80,13 @@ std::optional<int> ShardCount(const std::string& step_dir) {
   return std::nullopt;
 }
 
-// Reads a whole step folder into `out`.
+// Reads a whole step folder into `out`; with `only_shard` >= 0, only that
+// shard's file (of expected.num_shards), leaving the other elements zero.
 absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expected,
-                      const ModelSpec& model, int num_slots, RestoredModel* out) {
-  std::optional<int> shards = ShardCount(step_dir);
+                      const ModelSpec& model, int num_slots, int only_shard,
+                      RestoredModel* out) {
+  std::optional<int> shards =
+      only_shard >= 0 ? std::optional<int>(expected.num_shards) : ShardCount(step_dir);
   if (!shards) return absl::DataLossError("no shard files");
   const std::vector<int64_t> offsets = model.param_offsets();
   const int64_t total = model.total_params();
@@ -91,7 +94,9 @@ absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expecte
   out->slots.assign(num_slots, std::vector<float>(total, 0.0f));
   out->updates.assign(total, 0);
   std::vector<bool> covered(total, false);
+  bool first = true;
   for (int s = 0; s < *shards; ++s) {
+    if (only_shard >= 0 && s != only_shard) continue;
     const std::string path = absl::StrCat(step_dir, "/", ShardFileName(s, *shards));
     TESSERA_ASSIGN_OR_RETURN(SafetensorsFile file, ReadSafetensorsFile(path));
     const auto meta = [&](const std::string& key) -> std::string {
@@ -114,9 +119,10 @@ absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expecte
     if (!absl::SimpleAtoi(meta("step"), &step) || !absl::SimpleAtoi(meta("version"), &version)) {
       return absl::DataLossError(absl::StrCat(path, ": bad step metadata"));
     }
-    if (s == 0) {
+    if (first) {
       out->step = step;
       out->version = version;
+      first = false;
     } else if (step != out->step) {
       return absl::DataLossError(absl::StrCat(path, ": step ", step, " differs from shard 0's ",
                                               out->step));
@@ -153,7 +159,7 @@ absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expecte
       }
     }
   }
-  if (std::find(covered.begin(), covered.end(), false) != covered.end()) {
+  if (only_shard < 0 && std::find(covered.begin(), covered.end(), false) != covered.end()) {
     return absl::DataLossError("the shard files do not cover every parameter");
   }
   out->path = step_dir;
@@ -232,8 +238,30 @@ absl::StatusOr<std::optional<RestoredModel>> LoadLatestCheckpoint(
   for (int64_t step : ListSteps(dir)) {
     const std::string step_dir = absl::StrCat(dir, "/", StepDirName(step));
     RestoredModel restored;
-    absl::Status s = ReadStep(step_dir, expected, model, num_slots, &restored);
+    absl::Status s = ReadStep(step_dir, expected, model, num_slots, -1, &restored);
     if (s.ok()) return std::optional<RestoredModel>(std::move(restored));
+    if (s.code() == absl::StatusCode::kFailedPrecondition) return s;
+    if (skipped != nullptr) skipped->push_back(absl::StrCat(step_dir, ": ", s.message()));
+  }
+  return std::optional<RestoredModel>();
+}
+
+absl::StatusOr<std::optional<RestoredModel>> LoadShardCheckpoint(
+    const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
+    int num_slots, std::vector<std::string>* skipped) {
+  for (int64_t step : ListSteps(dir)) {
+    const std::string step_dir = absl::StrCat(dir, "/", StepDirName(step));
+    const std::string own =
+        absl::StrCat(step_dir, "/", ShardFileName(expected.shard, expected.num_shards));
+    RestoredModel restored;
+    absl::Status s =
+        access(own.c_str(), F_OK) == 0
+            ? ReadStep(step_dir, expected, model, num_slots, expected.shard, &restored)
+            : ReadStep(step_dir, expected, model, num_slots, -1, &restored);
+    if (s.ok()) {
+      restored.own_file_only = access(own.c_str(), F_OK) == 0;
+      return std::optional<RestoredModel>(std::move(restored));
+    }
     if (s.code() == absl::StatusCode::kFailedPrecondition) return s;
     if (skipped != nullptr) skipped->push_back(absl::StrCat(step_dir, ": ", s.message()));
   }

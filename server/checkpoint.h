@@ -66,6 +66,9 @@ struct RestoredModel {
   // Per element: updates of the block that held it (Adam's bias
   // correction needs the count).
   std::vector<int64_t> updates;
+  // True when only this shard's own file was read (LoadShardCheckpoint):
+  // the other shards' elements are zero.
+  bool own_file_only = false;
 };
 
 // Deletes this shard's temporary files (`*.safetensors.tmp`) left in `dir`
@@ -77,6 +80,16 @@ int RemoveStaleTemporaries(const std::string& dir, int shard);
 // nullopt when there is none. kFailedPrecondition when the newest complete
 // one holds another model or optimizer.
 absl::StatusOr<std::optional<RestoredModel>> LoadLatestCheckpoint(
+    const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
+    int num_slots, std::vector<std::string>* skipped = nullptr);
+
+// What a server restores at start-up: the newest step folder holding this
+// shard's own file at the same shard count (read alone, so a server
+// restarted on its own resumes from the final checkpoint it wrote on
+// SIGTERM even though the other shards, which kept running, wrote none at
+// that step), or else, for a changed shard count, the newest complete one.
+// Skips corrupt files and incomplete folders like LoadLatestCheckpoint.
+absl::StatusOr<std::optional<RestoredModel>> LoadShardCheckpoint(
     const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
     int num_slots, std::vector<std::string>* skipped = nullptr);
 

@@ -148,6 +148,34 @@ TEST(CheckpointTest, SkipsCorruptAndIncompleteCheckpoints) {
   EXPECT_NE(skipped[0].find("step-0000000012"), std::string::npos) << skipped[0];
   EXPECT_NE(skipped[1].find("checksum"), std::string::npos) << skipped[1];
   EXPECT_EQ((*restored)->params[at2[0].blocks[0].info.flat_offset], at2[0].blocks[0].params[0]);
+
+  // A server restoring its own shard reads its own newest file: shard 0's
+  // step-12 file although shard 1 wrote none there; shard 1 skips its
+  // missing and its corrupt file and falls back to step 2.
+  auto own0 = LoadShardCheckpoint(dir, Info(job, 0), Model(job), 2);
+  ASSERT_TRUE(own0.ok() && own0->has_value()) << own0.status();
+  EXPECT_EQ((*own0)->step, 12);
+  EXPECT_TRUE((*own0)->own_file_only);
+  EXPECT_EQ((*own0)->params[at2[0].blocks[0].info.flat_offset], later0.blocks[0].params[0]);
+  std::vector<std::string> skipped1;
+  auto own1 = LoadShardCheckpoint(dir, Info(job, 1), Model(job), 2, &skipped1);
+  ASSERT_TRUE(own1.ok() && own1->has_value()) << own1.status();
+  EXPECT_EQ((*own1)->step, 2);
+  EXPECT_EQ(skipped1.size(), 2u);
+  // A restored shard 0 holds exactly its step-12 numbers.
+  auto store = *ShardStore::Create(job, 0);
+  store->Restore(**own0);
+  const ShardState s0 = store->Snapshot();
+  ASSERT_EQ(s0.blocks.size(), later0.blocks.size());
+  for (size_t b = 0; b < s0.blocks.size(); ++b) {
+    EXPECT_EQ(s0.blocks[b].params, later0.blocks[b].params) << "block " << b;
+  }
+  // Another shard count needs every file of a step: step 2 again.
+  const JobSpec three = AdamJob(3, 16);
+  auto resharded = LoadShardCheckpoint(dir, Info(three, 0), Model(three), 2);
+  ASSERT_TRUE(resharded.ok() && resharded->has_value()) << resharded.status();
+  EXPECT_EQ((*resharded)->step, 2);
+  EXPECT_FALSE((*resharded)->own_file_only);
 }
 
 TEST(CheckpointTest, RefusesAnotherModelOrOptimizer) {

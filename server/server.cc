@@ -40,7 +40,7 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
                 << " partial checkpoint file(s) left by an interrupted write" << std::endl;
     }
     std::vector<std::string> skipped;
-    absl::StatusOr<std::optional<RestoredModel>> restored = LoadLatestCheckpoint(
+    absl::StatusOr<std::optional<RestoredModel>> restored = LoadShardCheckpoint(
         job.checkpoint().dir(), info, model, s->store_->num_slots(), &skipped);
     for (const std::string& why : skipped) {
       std::cerr << "tessera-server: shard " << options.shard << " skipped checkpoint " << why

@@ -108,6 +108,10 @@ class ShardStream {
     // Reconnect quickly after a server restart.
     args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
     args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+    // gRPC gives each connection attempt at least this long (default 20 s):
+    // after a partition whose SYNs were dropped, an attempt begun during
+    // the outage would hold off the next one for 20 s after the heal.
+    args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
     channel_ = grpc::CreateCustomChannel(
         address_,
         options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),
@@ -202,7 +206,7 @@ class ShardStream {
         std::cerr << "tessera-worker: " << s.message() << "; retrying" << std::endl;
         warned_ = true;
       }
-      absl::SleepFor(backoff);
+      WaitOutBackoff(backoff);
       backoff = std::min(backoff * 2, absl::Seconds(2));
       Close();
       absl::Status opened = StartSession();
@@ -212,6 +216,28 @@ class ShardStream {
       } else if (!Retryable(opened)) {
         return opened;
       }
+    }
+  }
+
+  // Waits `backoff` while letting the channel reconnect. A synchronous gRPC
+  // client makes progress (connects, handshakes, answers keepalive) only
+  // while some thread waits inside gRPC, so a plain sleep here left a new
+  // connection to a restarted server half-open for up to gRPC's backup
+  // poll (5 s) or connect timeout, and the next attempt failed at once.
+  // Returns early when the channel (re)connects during the wait; a channel
+  // that was connected throughout (a server that answered but refused)
+  // waits the whole backoff.
+  void WaitOutBackoff(absl::Duration backoff) {
+    const absl::Time until = absl::Now() + backoff;
+    const bool was_ready = channel_->GetState(/*try_to_connect=*/true) == GRPC_CHANNEL_READY;
+    while (absl::Now() < until) {
+      const grpc_connectivity_state state = channel_->GetState(/*try_to_connect=*/true);
+      if (state == GRPC_CHANNEL_READY) {
+        if (!was_ready) return;
+        absl::SleepFor(until - absl::Now());
+        return;
+      }
+      channel_->WaitForStateChange(state, absl::ToChronoTime(until));
     }
   }
 
