@@ -102,11 +102,13 @@ fuzz: deps
 clean:
 	rm -rf $(BUILD_DIR)
 
-# Network-fault scenarios of tests/chaos/ (RELIABILITY.md figures: partition,
-# random loss, bandwidth cap, exact-sum oracle), one after another, each in
+# Fault scenarios of tests/chaos/ (RELIABILITY.md figures: partition,
+# random loss, bandwidth cap, exact-sum oracle, server freeze, async worker
+# kill and restart, SIGTERM under load), one after another, each in
 # its own network namespaces and bounded in time; prints every scenario's
 # PASS/FAIL lines and a summary. Needs root. CHAOS_SCENARIOS picks a subset.
-CHAOS_SCENARIOS ?= quick_partition partition loss bandwidth exact_sum
+CHAOS_SCENARIOS ?= quick_partition partition loss bandwidth exact_sum freeze \
+	async_worker_restart sigterm_under_load
 .PHONY: chaos
 chaos: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="iproute2 iptables python3-grpcio"

@@ -20,6 +20,9 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
     const ServerOptions& options) {
   std::unique_ptr<TesseraServer> s(new TesseraServer());
   TESSERA_ASSIGN_OR_RETURN(s->store_, ShardStore::Create(options.job, options.shard));
+  // A worker whose last stream ends has 1 s to open a new one before a
+  // synchronous step goes on without it (see ShardStore::Disconnect).
+  s->store_->SetDepartureGrace(absl::Seconds(1));
   const uint64_t job_hash = JobHash(options.job);
   const tessera::v1::JobSpec& job = options.job;
   s->checkpoint_timeout_ = absl::Milliseconds(job.consistency().barrier_timeout_ms());

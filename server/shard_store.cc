@@ -173,6 +173,18 @@ void ShardStore::Disconnect(int worker, int64_t incarnation) {
     // end was noticed is still here: only its last stream's end counts.
     w.streams = std::max(0, w.streams - 1);
     if (w.streams > 0) return;
+    if (mode_ == tessera::v1::SYNC && departure_grace_ > absl::ZeroDuration()) {
+      // The end of a stream the worker already gave up on (after a server
+      // freeze, say) can be handled just before the new stream's Hello:
+      // give the worker a moment to come back before the step goes on
+      // without it. mu_ is released while waiting.
+      auto back = [this, worker, incarnation]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        const WorkerState& v = workers_[worker];
+        return shutdown_ || v.incarnation != incarnation || v.streams > 0;
+      };
+      mu_.AwaitWithTimeout(absl::Condition(&back), departure_grace_);
+      if (w.incarnation != incarnation || w.streams > 0) return;
+    }
     w.live = false;
     // Streams also end because this server is stopping; then no step may
     // complete short-handed: the final checkpoint holds whole steps only.
@@ -192,6 +204,11 @@ bool ShardStore::StepCompleteLocked() const {
     if (workers_[i].live && !contributed_.contains(i)) return false;
   }
   return true;
+}
+
+void ShardStore::SetDepartureGrace(absl::Duration grace) {
+  absl::MutexLock lock(&mu_);
+  departure_grace_ = grace;
 }
 
 void ShardStore::CountRejected() {

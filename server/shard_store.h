@@ -71,8 +71,14 @@ class ShardStore {
   absl::Status Connect(int worker, int64_t incarnation);
 
   // A worker's stream ended: it leaves the barrier count (when `incarnation`
-  // is still its current one), which may complete the step in progress.
+  // is still its current one and it has no other stream open), which may
+  // complete the step in progress. SYNC with a departure grace: first waits
+  // up to the grace for the worker to open a new stream, and returns
+  // without effect when it does.
   void Disconnect(int worker, int64_t incarnation);
+
+  // How long Disconnect waits for a reconnect in SYNC mode (default 0).
+  void SetDepartureGrace(absl::Duration grace);
 
   // Counts a request refused before it reached the store (a stream message
   // that is neither one push nor one pull), so that requests_rejected counts
@@ -187,6 +193,7 @@ class ShardStore {
   int64_t checkpoint_every_ = 0;
   std::function<void(ShardState)> checkpoint_hook_;
   StoreStats counters_ ABSL_GUARDED_BY(mu_);
+  absl::Duration departure_grace_ ABSL_GUARDED_BY(mu_) = absl::ZeroDuration();
 };
 
 }  // namespace tessera

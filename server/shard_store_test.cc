@@ -183,6 +183,36 @@ TEST(ShardStoreTest, DepartedWorkerLeavesTheBarrier) {
   ExpectShifted(after_first, AllParams(**store), 1.0f);
 }
 
+// The end of a stream the worker already abandoned, handled just before its
+// new stream's Hello (a server resumed after a freeze): with a departure
+// grace the worker stays in the barrier; without one it would be dropped
+// and the step would close without its gradient.
+TEST(ShardStoreTest, DepartureGraceKeepsAWorkerThatReconnects) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  (*store)->SetDepartureGrace(absl::Seconds(30));
+  ASSERT_TRUE((*store)->Connect(0, 1).ok());
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 2.0f)).ok());
+  std::thread reconnect([&] {
+    absl::SleepFor(absl::Milliseconds(200));
+    ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  });
+  const absl::Time start = absl::Now();
+  (*store)->Disconnect(1, 1);  // returns when the new stream is open
+  reconnect.join();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(20));  // not the whole grace
+  EXPECT_EQ((*store)->stats().live_workers, 2);
+  EXPECT_EQ((*store)->stats().version, 0);  // still waiting for worker 1
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 0, 4.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 1);
+  EXPECT_EQ((*store)->stats().pushes_applied, 2);
+  // A worker that does not come back leaves once the grace is over.
+  (*store)->SetDepartureGrace(absl::Milliseconds(100));
+  (*store)->Disconnect(1, 1);
+  EXPECT_EQ((*store)->stats().live_workers, 1);
+}
+
 TEST(ShardStoreTest, LateEndOfAReplacedStreamDoesNotDropTheWorker) {
   auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
   ASSERT_TRUE(store.ok());

@@ -4,7 +4,8 @@
 # one line per scenario and every PASS/FAIL line it printed.
 #
 # Usage: run_all.sh [BIN_DIR [SCENARIO...]]
-#   SCENARIO: quick_partition partition loss bandwidth exact_sum (default: all)
+#   SCENARIO: quick_partition partition loss bandwidth exact_sum freeze
+#             async_worker_restart sigterm_under_load (default: all)
 # Exit 0 when no scenario failed (skipped ones don't fail the run).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,7 +13,8 @@ src=$(cd "$here/../.." && pwd)
 bin=${1:-$src/build/bin}
 shift || true
 scenarios=("$@")
-[ ${#scenarios[@]} = 0 ] && scenarios=(quick_partition partition loss bandwidth exact_sum)
+[ ${#scenarios[@]} = 0 ] && scenarios=(quick_partition partition loss bandwidth exact_sum freeze
+  async_worker_restart sigterm_under_load)
 
 logs=$(mktemp -d /tmp/tessera-chaos-XXXXXX)
 declare -A result secs
