@@ -39,6 +39,19 @@ JobSpec RegressionJob(int workers, int batch, tessera::v1::ConsistencyMode mode)
   return job;
 }
 
+// Variance of the held-out targets: the MSE of predicting their mean.
+double TestTargetVariance(const JobSpec& job) {
+  auto model = ParseModelSpec(job.model(), JobLoss(job));
+  EXPECT_TRUE(model.ok());
+  auto data = LoadJobData(job, *model);
+  EXPECT_TRUE(data.ok());
+  double mean = 0, var = 0;
+  for (float t : data->test.targets) mean += t;
+  mean /= data->test.targets.size();
+  for (float t : data->test.targets) var += (t - mean) * (t - mean);
+  return var / data->test.targets.size();
+}
+
 // Runs every worker of `job` in its own thread against in-process shards;
 // returns each worker's summary.
 // `stores_out`, when given, receives the shards, so their counters can be
@@ -113,15 +126,7 @@ TEST(InProcessTrainingTest, EveryModeLearnsTheSeedRegression) {
     ASSERT_EQ(s[0].epochs.size(), 3u);
     // Better than predicting the mean by a wide margin: the MSE of the mean
     // predictor is the targets' variance.
-    auto model = ParseModelSpec(job.model(), JobLoss(job));
-    ASSERT_TRUE(model.ok());
-    auto data = LoadJobData(job, *model);
-    ASSERT_TRUE(data.ok());
-    double mean = 0, var = 0;
-    for (float t : data->test.targets) mean += t;
-    mean /= data->test.targets.size();
-    for (float t : data->test.targets) var += (t - mean) * (t - mean);
-    var /= data->test.targets.size();
+    const double var = TestTargetVariance(job);
     EXPECT_LT(s[0].epochs.back().val_loss, 0.3 * var) << "target variance " << var;
   }
 }
@@ -141,15 +146,7 @@ TEST(InProcessTrainingTest, OverlappedAsyncAndSspLearnAndPushEveryStepOnce) {
       EXPECT_EQ(store->stats().pushes_applied, 2 * 75);
       EXPECT_EQ(store->stats().pushes_duplicate, 0);
     }
-    auto model = ParseModelSpec(job.model(), JobLoss(job));
-    ASSERT_TRUE(model.ok());
-    auto data = LoadJobData(job, *model);
-    ASSERT_TRUE(data.ok());
-    double mean = 0, var = 0;
-    for (float t : data->test.targets) mean += t;
-    mean /= data->test.targets.size();
-    for (float t : data->test.targets) var += (t - mean) * (t - mean);
-    var /= data->test.targets.size();
+    const double var = TestTargetVariance(job);
     EXPECT_LT(s[0].epochs.back().val_loss, 0.3 * var) << "target variance " << var;
   }
 }

@@ -83,7 +83,6 @@ open(dst, "w").write(text)
 EOF
 flags=(--max_steps="$max_steps" --epochs=1000)
 
-alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
 
 declare -A final_loss last_worker rcs applied dup rej ver steps dacks acked excess retries
 samples=""
@@ -121,7 +120,7 @@ finish_run() {
   local -A gone=()
   while :; do
     for w in 0 1; do
-      if [ -z "${gone[$w]:-}" ] && ! alive "worker-$w"; then gone[$w]=1; last=$w; fi
+      if [ -z "${gone[$w]:-}" ] && ! chaos_alive "worker-$w"; then gone[$w]=1; last=$w; fi
     done
     [ "${#gone[@]}" = 2 ] && break
     [ $((SECONDS - t0)) -gt "$run_limit_s" ] && break
@@ -190,7 +189,7 @@ chaos_log "worker 1 cut off from both servers"
 sample_for cut 1
 killed_steps=$(chaos_metric w1 tessera_worker_step)
 killed_steps=${killed_steps%.*}
-w1_alive_at_kill=0; alive worker-1 && w1_alive_at_kill=1
+w1_alive_at_kill=0; chaos_alive worker-1 && w1_alive_at_kill=1
 kill -9 "$(chaos_pid worker-1)" 2>/dev/null || true
 # (stderr: keep bash's "Killed" job notice out of the output)
 rc_killed=0; chaos_wait worker-1 10 2>/dev/null || rc_killed=$?
@@ -209,7 +208,7 @@ while :; do
   sample restarting
   v=$(tail -n 1 "$samples" | cut -f4)
   [ -n "$v" ] && [ "${v%.*}" -gt 0 ] && break
-  alive worker-1 || break
+  chaos_alive worker-1 || break
   [ $SECONDS -gt $deadline ] && break
   sleep 0.1
 done

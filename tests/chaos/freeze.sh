@@ -76,7 +76,6 @@ s1_pid=$(chaos_pid server-1)
 # the STOP and the CONT.
 trap 'kill -CONT "$s1_pid" 2>/dev/null || true; chaos_cleanup' EXIT
 
-alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
 
 samples="$CHAOS_WORK/samples.tsv"
 # Each row is stamped when its scrapes are done (so a "moved by then" is
@@ -114,14 +113,14 @@ kill -STOP "$s1_pid"
 chaos_log "shard 1's server stopped (SIGSTOP, pid $s1_pid)"
 while pytrue "$(now_s) - $t_stop < $freeze_s"; do sample_frozen frozen; sleep 0.3; done
 exited_during=""
-for p in server-0 server-1 worker-0 worker-1; do alive "$p" || exited_during+=" $p"; done
+for p in server-0 server-1 worker-0 worker-1; do chaos_alive "$p" || exited_during+=" $p"; done
 s1_state=$(ps -o stat= -p "$s1_pid" | cut -c1)
 kill -CONT "$s1_pid"
 t_cont=$(now_s)
 chaos_log "shard 1's server continued (SIGCONT; it was in state '$s1_state')"
 
 run_deadline=$((SECONDS + run_limit_s))
-while alive worker-0 || alive worker-1; do
+while chaos_alive worker-0 || chaos_alive worker-1; do
   sample continued
   [ $SECONDS -gt $run_deadline ] && break
   sleep 0.3

@@ -21,6 +21,7 @@
 #   chaos_start_servers JOB FLAGS.. shards 0..N-1 on hosts s0..sN-1 (port 7070,
 #                                   metrics on 9464), waits until SERVING
 #   chaos_start_worker HOST RANK JOB FLAGS...   (metrics on 9464 in HOST)
+#   chaos_alive NAME                true while a spawned process runs
 #   chaos_wait NAME SECONDS         wait for a spawned process; returns its
 #                                   exit status, 124 on timeout
 #   chaos_metrics HOST [PORT]       /metrics text of the process in HOST
@@ -194,6 +195,8 @@ chaos_spawn() {
 }
 
 chaos_pid() { echo "${CHAOS_PID[$1]}"; }
+# True while the spawned process NAME runs (not exited, not a zombie).
+chaos_alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
 
 # chaos_wait NAME SECONDS: the exit status of a spawned process, 124 when it
 # is still running after SECONDS.

@@ -45,7 +45,6 @@ syn_count() {
   chaos_in w1 iptables -L OUTPUT -v -x -n | awk '/flags:0x17\/0x02/ { s += $1 } END { print s + 0 }'
 }
 
-alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
 
 samples="$CHAOS_WORK/samples.tsv"
 sample() {  # t phase v0 v1 live0 w1step syns
@@ -73,13 +72,13 @@ chaos_log "partitioned worker 1 from $s0 and $s1"
 while pytrue "$(now_s) - $t_part < $partition_s"; do sample partition; sleep 0.5; done
 
 exited_during=""
-for p in server-0 server-1 worker-0 worker-1; do alive "$p" || exited_during+=" $p"; done
+for p in server-0 server-1 worker-0 worker-1; do chaos_alive "$p" || exited_during+=" $p"; done
 fault_heal w1
 t_heal=$(now_s)
 chaos_log "healed"
 
 run_deadline=$((SECONDS + run_limit_s))
-while alive worker-0 || alive worker-1; do
+while chaos_alive worker-0 || chaos_alive worker-1; do
   sample healed
   [ $SECONDS -gt $run_deadline ] && break
   sleep 0.5
@@ -92,7 +91,7 @@ v1_end=$(chaos_metric s1 tessera_shard_version)
 push_s0=$(chaos_metrics s0 | grep '^tessera_pushes_total' || true)
 push_s1=$(chaos_metrics s1 | grep '^tessera_pushes_total' || true)
 servers_up=1
-for p in server-0 server-1; do alive "$p" || servers_up=0; done
+for p in server-0 server-1; do chaos_alive "$p" || servers_up=0; done
 kill -TERM "$(chaos_pid server-0)" "$(chaos_pid server-1)" 2>/dev/null || true
 rcs0=0; chaos_wait server-0 30 || rcs0=$?
 rcs1=0; chaos_wait server-1 30 || rcs1=$?

@@ -73,7 +73,6 @@ chaos_start_servers "$job" "${flags[@]}"
 chaos_start_worker w0 0 "$job" "${flags[@]}" --evaluate=false
 chaos_start_worker w1 1 "$job" "${flags[@]}" --evaluate=false
 
-alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
 
 samples="$CHAOS_WORK/samples.tsv"
 # Each row is stamped when its scrapes are done.
@@ -106,7 +105,7 @@ deadline=$((SECONDS + exit_bar_s + 10))
 while :; do
   v=$(chaos_metric s0 tessera_shard_version)
   [ -n "$v" ] && printf '%s\t%s\n' "$(now_s)" "$v" >> "$term_versions"
-  if ! alive server-0; then t_exit=$(now_s); break; fi
+  if ! chaos_alive server-0; then t_exit=$(now_s); break; fi
   [ $SECONDS -gt $deadline ] && break
   sleep 0.02
 done
@@ -161,7 +160,7 @@ chaos_spawn s0 server-0 "$CHAOS_BIN/tessera-server" --job="$job" --shard=0 \
 deadline=$((SECONDS + 30))
 v_restart=""
 until chaos_in s0 "$CHAOS_BIN/tessera" health "$(chaos_ip s0):$CHAOS_PORT" > /dev/null 2>&1; do
-  if [ $SECONDS -gt $deadline ] || ! alive server-0; then break; fi
+  if [ $SECONDS -gt $deadline ] || ! chaos_alive server-0; then break; fi
   sleep 0.05
 done
 v_restart=$(chaos_metric s0 tessera_shard_version)
@@ -172,7 +171,7 @@ resumed_step=$(echo "$resumed_line" | sed -nE 's/.*resumed from .* \(step ([0-9]
 [ -z "$resumed_line" ] && resumed_step=0
 
 run_deadline=$((SECONDS + run_limit_s))
-while alive worker-0 || alive worker-1; do
+while chaos_alive worker-0 || chaos_alive worker-1; do
   sample restarted
   [ $SECONDS -gt $run_deadline ] && break
   sleep 0.3
