@@ -96,7 +96,9 @@ grpc::Status ParameterServiceImpl::Session(
   // buffers keep their capacity from one step to the next.
   ServerMessage reply;
   reply.set_request_id(request.request_id());
+  reply.set_worker_clock(store_->WorkerClock(worker));
   bool ok = stream->Write(reply);
+  reply.clear_worker_clock();
   while (ok && stream->Read(&request)) {
     reply.set_request_id(request.request_id());
     reply.set_code(0);

@@ -206,6 +206,14 @@ bool ShardStore::StepCompleteLocked() const {
   return true;
 }
 
+int64_t ShardStore::WorkerClock(int worker) const {
+  absl::MutexLock lock(&mu_);
+  if (mode_ == tessera::v1::SYNC || worker < 0 || worker >= static_cast<int>(workers_.size())) {
+    return 0;
+  }
+  return workers_[worker].clock;
+}
+
 void ShardStore::SetDepartureGrace(absl::Duration grace) {
   absl::MutexLock lock(&mu_);
   departure_grace_ = grace;

@@ -77,6 +77,10 @@ class ShardStore {
   // without effect when it does.
   void Disconnect(int worker, int64_t incarnation);
 
+  // Steps `worker` has completed here (ASYNC/SSP: its highest pushed step
+  // + 1, kept across incarnations; SYNC: 0). 0 for an unknown worker.
+  int64_t WorkerClock(int worker) const;
+
   // How long Disconnect waits for a reconnect in SYNC mode (default 0).
   void SetDepartureGrace(absl::Duration grace);
 

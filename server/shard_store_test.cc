@@ -213,6 +213,25 @@ TEST(ShardStoreTest, DepartureGraceKeepsAWorkerThatReconnects) {
   EXPECT_EQ((*store)->stats().live_workers, 1);
 }
 
+TEST(ShardStoreTest, WorkerClockSurvivesANewIncarnation) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::ASYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  for (int step = 0; step < 5; ++step) {
+    ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, step, 1.0f)).ok());
+  }
+  EXPECT_EQ((*store)->WorkerClock(1), 5);
+  EXPECT_EQ((*store)->WorkerClock(0), 0);
+  (*store)->Disconnect(1, 1);
+  ASSERT_TRUE((*store)->Connect(1, 2).ok());  // restarted
+  EXPECT_EQ((*store)->WorkerClock(1), 5);
+  EXPECT_EQ((*store)->WorkerClock(7), 0);  // unknown worker
+  auto sync = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1), 0);
+  ASSERT_TRUE(sync.ok());
+  ASSERT_TRUE((*sync)->Push(0, 1, FullPush(**sync, 0, 1.0f)).ok());
+  EXPECT_EQ((*sync)->WorkerClock(0), 0);  // SYNC resumes from the step instead
+}
+
 TEST(ShardStoreTest, LateEndOfAReplacedStreamDoesNotDropTheWorker) {
   auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
   ASSERT_TRUE(store.ok());

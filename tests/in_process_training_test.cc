@@ -169,6 +169,53 @@ class JumpingClient final : public ParameterClient {
   const int64_t jump_at_, jump_to_;
 };
 
+// An asynchronous worker restarted with a new incarnation: the servers
+// report the steps its id already completed, and it continues from there.
+class ResumingClient final : public ParameterClient {
+ public:
+  explicit ResumingClient(int64_t resume) : resume_(resume) {}
+  absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) override { return 0; }
+  absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
+                                             absl::Span<float> params) override {
+    pushed.push_back(step);
+    return PushPullResult{0, step + 1};
+  }
+  int64_t resume_step() const override { return resume_; }
+  std::vector<int64_t> pushed;
+
+ private:
+  const int64_t resume_;
+};
+
+TEST(InProcessTrainingTest, RestartedAsyncWorkerContinuesFromItsClock) {
+  JobSpec job = RegressionJob(2, 8, tessera::v1::ASYNC);  // 50 steps per epoch
+  job.set_epochs(2);
+  auto model = ParseModelSpec(job.model(), JobLoss(job));
+  ASSERT_TRUE(model.ok());
+  auto data = LoadJobData(job, *model);
+  ASSERT_TRUE(data.ok());
+  auto backend = CreateCpuBackend(*model, 512);
+  ASSERT_TRUE(backend.ok());
+  ResumingClient client(73);
+  TrainerOptions options;
+  options.rank = 1;
+  auto summary = Train(job, *model, data->train, data->test, backend->get(), &client, options);
+  ASSERT_TRUE(summary.ok()) << summary.status();
+  EXPECT_EQ(summary->first_step, 73);
+  EXPECT_EQ(summary->steps, 100 - 73);
+  ASSERT_FALSE(client.pushed.empty());
+  EXPECT_EQ(client.pushed.front(), 73);
+  EXPECT_EQ(client.pushed.back(), 99);
+  // Only the second epoch's line: the first was finished before the restart.
+  EXPECT_EQ(summary->epochs.size(), 1u);
+  // A resume point past the end means there is nothing left to do.
+  ResumingClient done(1000);
+  auto none = Train(job, *model, data->train, data->test, backend->get(), &done, options);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->steps, 0);
+  EXPECT_TRUE(done.pushed.empty());
+}
+
 TEST(InProcessTrainingTest, SyncWorkerThatFellBehindSkipsClosedSteps) {
   JobSpec job = RegressionJob(2, 8, tessera::v1::SYNC);  // 50 steps per epoch
   job.set_epochs(2);

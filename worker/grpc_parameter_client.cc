@@ -127,6 +127,9 @@ class ShardStream {
     return StartSession();
   }
 
+  // The worker's clock on this shard, from the reply to the latest Hello.
+  int64_t worker_clock() const { return worker_clock_; }
+
   // Tensor payload bytes pushed plus pulled on this stream so far.
   int64_t payload_bytes() const { return payload_bytes_; }
 
@@ -250,7 +253,9 @@ class ShardStream {
     h->set_incarnation(options_.incarnation);
     h->set_job_hash(options_.job_hash);
     h->set_shard(shard_);
-    return Exchange(&hello);
+    TESSERA_RETURN_IF_ERROR(Exchange(&hello));
+    worker_clock_ = reply_.worker_clock();
+    return absl::OkStatus();
   }
 
   void Close() {
@@ -324,6 +329,7 @@ class ShardStream {
   RequestWatchdog watchdog_;
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received
+  int64_t worker_clock_ = 0;
   int64_t payload_bytes_ = 0;  // pushed plus pulled
   ClientMessage request_;
   ClientMessage push_;
@@ -420,6 +426,12 @@ class GrpcParameterClient final : public ParameterClient {
       return shards_[s]->Pull(step, params, &versions_[s]);
     }));
     return *std::min_element(versions_.begin(), versions_.end());
+  }
+
+  int64_t resume_step() const override {
+    int64_t step = INT64_MAX;
+    for (const auto& s : shards_) step = std::min(step, s->worker_clock());
+    return shards_.empty() ? 0 : step;
   }
 
   int64_t payload_bytes() const override {

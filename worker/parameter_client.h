@@ -38,6 +38,11 @@ class ParameterClient {
                                                      absl::Span<const float> grads,
                                                      absl::Span<float> params) = 0;
 
+  // ASYNC/SSP: the step a (re)started worker continues from: the steps its
+  // id already completed on every shard (an earlier incarnation's), as the
+  // servers said when the streams opened. 0 for a fresh job or SYNC.
+  virtual int64_t resume_step() const { return 0; }
+
   // Tensor payload bytes sent plus received so far (0 where nothing
   // travels over a wire).
   virtual int64_t payload_bytes() const { return 0; }

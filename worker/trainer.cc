@@ -189,7 +189,8 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
                         "\"batch_size\": %d, \"duplicate_acks\": %d, "
                         "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
-                        "\"top_k_fraction\": %.6g, \"overlap\": %s, \"skipped_steps\": %d}\n",
+                        "\"top_k_fraction\": %.6g, \"overlap\": %s, \"skipped_steps\": %d, "
+                        "\"first_step\": %d}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
@@ -199,7 +200,7 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         job.overlap() && job.consistency().mode() != tessera::v1::SYNC
                             ? "true"
                             : "false",
-                        s.skipped_steps);
+                        s.skipped_steps, s.first_step);
   return json;
 }
 
@@ -225,9 +226,13 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
   if (!initial.ok()) return Annotate(initial.status(), "initial pull");
   const int64_t version = *initial;
   // A synchronous worker that (re)joins a running job starts at the step
-  // the servers are at; asynchronous versions count pushes, not steps.
+  // the servers are at; an asynchronous one (whose versions count pushes,
+  // not steps) at the step its earlier incarnation had reached.
   const int64_t first_step =
-      job.consistency().mode() == tessera::v1::SYNC ? std::min(version, total_steps) : 0;
+      job.consistency().mode() == tessera::v1::SYNC
+          ? std::min(version, total_steps)
+          : std::clamp<int64_t>(client->resume_step(), 0, total_steps);
+  summary.first_step = first_step;
 
   const absl::Time run_start = absl::Now();
   std::vector<int64_t> permutation;

@@ -57,6 +57,7 @@ struct TrainSummary {
   int64_t duplicate_acks = 0;  // pushes acknowledged without effect
   double payload_bytes_per_step = 0;  // tensor bytes pushed + pulled per step
   int64_t skipped_steps = 0;  // SYNC: steps the others finished while we were cut off
+  int64_t first_step = 0;     // where this run began (a rejoining worker's resume point)
   double wall_seconds = 0;
   double samples_per_sec = 0;  // all workers, whole run
   double test_loss = 0;

@@ -20,8 +20,8 @@
 #          its /metrics (it cannot advance while cut off), it is killed with
 #          SIGKILL, the cut is healed, and RESTART_S later worker 1 is started
 #          again with the same rank (the coordinator hands it a new
-#          incarnation; in ASYNC mode a restarted worker starts again at its
-#          step 0, so it pushes max_steps more steps).
+#          incarnation; the servers tell it how many steps its rank had
+#          completed, and it continues from there: summary "first_step").
 #
 # Figures:
 #   - both runs finish: every worker process that was not killed exits 0;
@@ -84,7 +84,7 @@ EOF
 flags=(--max_steps="$max_steps" --epochs=1000)
 
 
-declare -A final_loss last_worker rcs applied dup rej ver steps dacks acked excess retries
+declare -A final_loss last_worker rcs applied dup rej ver steps first dacks acked excess retries
 samples=""
 # Each row is stamped right after worker 0's step is read (its rate is the
 # figure), the other scrapes follow.
@@ -133,6 +133,7 @@ finish_run() {
     if [ "$rc" = 124 ]; then kill -9 "$(chaos_pid "worker-$w")" 2>/dev/null || true; fi
     rcs[$tag]+="${rcs[$tag]:+ }$rc"
     steps[$tag.$w]=$(chaos_summary "$w" steps)
+    first[$tag.$w]=$(chaos_summary "$w" first_step)
     dacks[$tag.$w]=$(chaos_summary "$w" duplicate_acks)
   done
   # The last to finish: the newer --summary_json (written as a worker exits);
@@ -321,8 +322,10 @@ chaos_expect "base run: both workers and both servers exit 0 (${rcs[base]}; serv
   '[ "${rcs[base]}" = "0 0" ] && [ "${rcs[base.servers]}" = "0 0" ]'
 chaos_expect "base run: exact update count, applied = acknowledged on both shards (differences ${excess[base.0]}, ${excess[base.1]})" \
   '[ "${excess[base.0]}" = 0 ] && [ "${excess[base.1]}" = 0 ]'
-chaos_expect "the job finishes after the kill: worker 0 and the restarted worker 1 exit 0 with $max_steps steps each (exit ${rcs[fault]}; steps ${steps[fault.0]:-?}, ${steps[fault.1]:-?})" \
-  '[ "${rcs[fault]}" = "0 0" ] && [ "${steps[fault.0]:-}" = "$max_steps" ] && [ "${steps[fault.1]:-}" = "$max_steps" ]'
+chaos_expect "the job finishes after the kill: worker 0 and the restarted worker 1 exit 0 having reached step $max_steps (exit ${rcs[fault]}; worker 0 steps ${steps[fault.0]:-?}; worker 1 resumed at ${first[fault.1]:-?} and took ${steps[fault.1]:-?} steps)" \
+  '[ "${rcs[fault]}" = "0 0" ] && [ "${steps[fault.0]:-}" = "$max_steps" ] && [ $(( ${first[fault.1]:-0} + ${steps[fault.1]:-0} )) = "$max_steps" ]'
+chaos_expect "the restarted worker 1 resumes where the killed one stopped: first step ${first[fault.1]:-?}, killed incarnation completed ${killed_steps:-?} (its push in flight may count: +1)" \
+  '[ -n "${killed_steps:-}" ] && [ -n "${first[fault.1]:-}" ] && { [ "${first[fault.1]}" = "$killed_steps" ] || [ "${first[fault.1]}" = "$((killed_steps + 1))" ]; }'
 chaos_expect "servers exit 0 on SIGTERM after the fault run (${rcs[fault.servers]})" '[ "${rcs[fault.servers]}" = "0 0" ]'
 chaos_expect "worker 0 keeps >= 50% of its step rate while worker 1 is down (figure): ${out_rate} of ${pre_rate} steps/s = $(pyval "round(100 * $rate_ratio, 1)")%" \
   'pytrue "$rate_ratio >= 0.5"'
