@@ -15,6 +15,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 
 ABSL_FLAG(std::string, job, "", "Job file (protobuf text format, tessera.v1.JobSpec).");
 ABSL_FLAG(std::string, tls_ca, "",
@@ -51,7 +52,9 @@ ABSL_FLAG(std::optional<int64_t>, checkpoint_every_seconds, std::nullopt,
           "Override job.checkpoint.every_seconds.");
 ABSL_FLAG(std::optional<double>, top_k_fraction, std::nullopt,
           "Override job.top_k_fraction (top-k sparsified pushes with error feedback; 0: dense).");
-ABSL_FLAG(std::optional<bool>, overlap, std::nullopt,
+// A plain bool so that a bare --overlap works; it overrides the job only
+// when given (see OverlapOverride).
+ABSL_FLAG(bool, overlap, false,
           "Override job.overlap (ASYNC/SSP: compute the next gradient while the previous "
           "push and pull travel).");
 ABSL_FLAG(std::optional<std::string>, wire_dtype, std::nullopt,
@@ -71,9 +74,29 @@ void Forward(const absl::Flag<std::optional<T>>& flag, const char* name,
   if (v.has_value()) out->push_back(absl::StrCat("--", name, "=", absl::UnparseFlag(*v)));
 }
 
+// Whether argv named --overlap (any of --overlap, --overlap=V, --nooverlap,
+// with one or two dashes); set by ParseFlagsOrExit. This Abseil does not
+// expose whether a flag was set, and a bool flag cannot be optional<bool>
+// without losing the bare form.
+bool overlap_given = false;
+
+bool NamesOverlap(absl::string_view arg) {
+  if (!absl::ConsumePrefix(&arg, "--")) absl::ConsumePrefix(&arg, "-");
+  return arg == "overlap" || arg == "nooverlap" || absl::StartsWith(arg, "overlap=");
+}
+
+// --overlap when it was given on the command line, nullopt otherwise.
+std::optional<bool> OverlapOverride() {
+  return overlap_given ? std::optional<bool>(absl::GetFlag(FLAGS_overlap)) : std::nullopt;
+}
+
 }  // namespace
 
 std::vector<char*> ParseFlagsOrExit(int argc, char** argv, const char* usage) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string_view(argv[i]) == "--") break;
+    overlap_given |= NamesOverlap(argv[i]);
+  }
   absl::SetProgramUsageMessage(usage);
   absl::FlagsUsageConfig config;
   config.contains_help_flags = OurFlagsFile;
@@ -124,7 +147,7 @@ JobOverrides JobOverridesFromFlags() {
   o.checkpoint_every_seconds = absl::GetFlag(FLAGS_checkpoint_every_seconds);
   o.wire_dtype = absl::GetFlag(FLAGS_wire_dtype);
   o.top_k_fraction = absl::GetFlag(FLAGS_top_k_fraction);
-  o.overlap = absl::GetFlag(FLAGS_overlap);
+  o.overlap = OverlapOverride();
   return o;
 }
 
@@ -166,7 +189,9 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_checkpoint_every_seconds, "checkpoint_every_seconds", &out);
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
-  Forward(FLAGS_overlap, "overlap", &out);
+  if (const std::optional<bool> v = OverlapOverride()) {
+    out.push_back(absl::StrCat("--overlap=", *v ? "true" : "false"));
+  }
   return out;
 }
 

@@ -123,7 +123,7 @@ TEST_F(FashionMnistTest, TopKPushesCutTheBytesAndStillLearn) {
 // points here.
 TEST_F(FashionMnistTest, OverlappedAsyncWorkerLearns) {
   const std::string json =
-      Train({"--workers=1", "--epochs=3", "--mode=async", "--overlap=true"});
+      Train({"--workers=1", "--epochs=3", "--mode=async", "--overlap"});
   EXPECT_NE(json.find("\"overlap\": true"), std::string::npos) << json;
   EXPECT_GE(JsonNumber(json, "test_accuracy"), 0.84) << json;
 }
@@ -200,6 +200,33 @@ TEST(SeedJobTest, PrintsTenEpochsAndValLossFalls) {
   }
   ASSERT_EQ(val_loss.size(), 10u) << r.output;
   EXPECT_LT(val_loss[9], val_loss[0]);
+}
+
+// --overlap overrides the job file only when given: a job that sets
+// `overlap: true` keeps it without the flag, and --nooverlap turns it off.
+TEST(SeedJobTest, OverlapFlagOverridesTheJobOnlyWhenGiven) {
+  const std::string dir = NewTempDir("overlap-flag");
+  const std::string job = dir + "/job.textproto";
+  {
+    std::ofstream out(job);
+    out << ReadFile(SourceDir() + "/examples/seed_regression.textproto")
+        << "\noverlap: true\n";
+  }
+  auto overlap_of = [&](std::vector<std::string> extra) {
+    std::vector<std::string> argv = {Bin("tessera"), "local", "--job=" + job,
+                                     "--workers=1", "--epochs=1", "--mode=async",
+                                     "--log_dir=" + dir, "--summary_json=" + dir + "/s.json"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    RunResult r = RunProgram(argv, dir, absl::Minutes(2));
+    EXPECT_EQ(r.status, 0) << r.output;
+    const std::string json = ReadFile(dir + "/s.json");
+    if (json.find("\"overlap\": true") != std::string::npos) return std::string("true");
+    if (json.find("\"overlap\": false") != std::string::npos) return std::string("false");
+    return "missing in " + json;
+  };
+  EXPECT_EQ(overlap_of({}), "true");
+  EXPECT_EQ(overlap_of({"--nooverlap"}), "false");
+  EXPECT_EQ(overlap_of({"--overlap=false"}), "false");
 }
 
 }  // namespace
