@@ -15,6 +15,7 @@
 #include "gtest/gtest.h"
 #include "proto/tessera.grpc.pb.h"
 #include "tests/cluster_util.h"
+#include "worker/grpc_parameter_client.h"
 
 namespace tessera {
 namespace {
@@ -318,6 +319,27 @@ TEST(CommandLineTest, HelpExitsZeroAndListsFlags) {
   RunResult unknown = RunProgram({Bin("tessera-server"), "--no_such_flag=1"}, dir, absl::Seconds(10));
   EXPECT_NE(unknown.status, 0);
   EXPECT_NE(unknown.output.find("no_such_flag"), std::string::npos) << unknown.output;
+}
+
+// A worker that computes for longer than the keepalive timeout (15 s: 10 s
+// ping, 5 s to answer) between two calls keeps its stream: the client must
+// read the server's ping replies while no call is in flight. Takes 17 s.
+TEST_F(ServerProcessTest, IdleClientKeepsItsStreamPastTheKeepaliveTimeout) {
+  GrpcClientOptions options;
+  options.servers = {server_->address()};
+  options.worker_id = 0;
+  options.incarnation = 1;
+  options.job_hash = JobHash(job_);
+  auto client = CreateGrpcParameterClient(*partition_, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<float> params(partition_->total_elements());
+  ASSERT_TRUE((*client)->Pull(0, absl::MakeSpan(params)).ok());
+  ::testing::internal::CaptureStderr();
+  absl::SleepFor(absl::Seconds(17));  // "computing"
+  const absl::StatusOr<int64_t> pulled = (*client)->Pull(0, absl::MakeSpan(params));
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_EQ(log.find("retrying"), std::string::npos) << log;
 }
 
 }  // namespace
