@@ -222,11 +222,11 @@ class ShardStream {
     }
   }
 
-  // Waits `backoff` while letting the channel reconnect. A synchronous gRPC
-  // client makes progress (connects, handshakes, answers keepalive) only
-  // while some thread waits inside gRPC, so a plain sleep here left a new
-  // connection to a restarted server half-open for up to gRPC's backup
-  // poll (5 s) or connect timeout, and the next attempt failed at once.
+  // Waits `backoff` while letting the channel reconnect. With a plain sleep
+  // here, a new connection to a restarted server was seen sitting
+  // established but without its HTTP/2 preface for seconds (the worker's
+  // threads were all outside gRPC), and each attempt in between failed at
+  // once; waiting on the channel's state drives the connection.
   // Returns early when the channel (re)connects during the wait; a channel
   // that was connected throughout (a server that answered but refused)
   // waits the whole backoff.
