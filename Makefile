@@ -70,15 +70,7 @@ seed: build
 BENCH_PACKAGES := iperf3 gnuplot-nox libopenblas0-pthread
 BENCH_FLAGS ?=
 bench: build
-	@missing=$$(for p in $(BENCH_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-	  echo "Installing:" $$missing; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
 	/usr/bin/python3 bench/run_all.py --build_dir=$(BUILD_DIR) $(BENCH_FLAGS)
 
 # Sanitizer builds, each in its own folder (build-asan, build-tsan,

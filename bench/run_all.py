@@ -290,13 +290,17 @@ def run_iperf3(seconds):
     }
 
 
-def run_binary(cmd, out_path):
+def run_binary(cmd, out_path, merge_stdout=False, name=None):
+    """Runs cmd, logs its stderr (and stdout with merge_stdout), exits on a
+    non-zero status (naming it `name`, default cmd[0]), and returns the JSON
+    document it wrote to out_path."""
     log("  $ " + " ".join(cmd))
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in r.stderr.splitlines():
+    r = subprocess.run(cmd, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT if merge_stdout else subprocess.PIPE, text=True)
+    for line in (r.stdout if merge_stdout else r.stderr).splitlines():
         log("  | " + line)
     if r.returncode != 0:
-        sys.exit(f"error: {cmd[0]} exited with status {r.returncode}")
+        sys.exit(f"error: {name or cmd[0]} exited with status {r.returncode}")
     with open(out_path) as f:
         return json.load(f)
 
@@ -305,14 +309,7 @@ def run_e2e(args):
     out = os.path.join(args.results_dir, "fmnist_vs_ddp.json")
     cmd = ["/usr/bin/python3", os.path.join(REPO_ROOT, "bench", "fmnist_vs_ddp.py"),
            f"--build_dir={args.build_dir}", f"--epochs={args.e2e_epochs}", f"--out={out}"]
-    log("  $ " + " ".join(cmd))
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in r.stdout.splitlines():
-        log("  | " + line)
-    if r.returncode != 0:
-        sys.exit(f"error: fmnist_vs_ddp.py exited with status {r.returncode}")
-    with open(out) as f:
-        return json.load(f)
+    return run_binary(cmd, out, merge_stdout=True, name="fmnist_vs_ddp.py")
 
 
 def run_scaling(args):

@@ -123,14 +123,6 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-std::string SelfDir() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return ".";
-  std::string path(buf, n);
-  return path.substr(0, path.rfind('/'));
-}
-
 // CPU time and page faults of a process.
 struct Usage {
   double cpu_s = 0;     // user + system
@@ -583,7 +575,7 @@ std::string ProtoCostJson(const Partition& partition) {
 
 int Main() {
   std::string bin_dir = absl::GetFlag(FLAGS_bin_dir);
-  if (bin_dir.empty()) bin_dir = SelfDir();
+  if (bin_dir.empty()) bin_dir = ThisExecutableDir();
   const std::string server_bin = bin_dir + "/tessera-server";
   if (access(server_bin.c_str(), X_OK) != 0) {
     std::cerr << "transport_bench: " << server_bin
@@ -641,7 +633,7 @@ int Main() {
     std::vector<Target> targets = {
         {"tessera", {server_bin, "--job=" + job_path, "--shard=0", "--listen=127.0.0.1:0"}}};
     if (absl::GetFlag(FLAGS_noop_baseline)) {
-      targets.push_back({"noop_grpc", {SelfDir() + "/transport_bench", "--job=" + job_path}});
+      targets.push_back({"noop_grpc", {ThisExecutableDir() + "/transport_bench", "--job=" + job_path}});
     }
     std::vector<std::string> target_docs;
     for (const Target& t : targets) {

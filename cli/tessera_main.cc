@@ -82,14 +82,6 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-std::string SelfDir() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) return ".";
-  std::string path(buf, n);
-  return path.substr(0, path.rfind('/'));
-}
-
 std::string TailOfFile(const std::string& path, int lines) {
   std::ifstream in(path);
   std::vector<std::string> all;
@@ -160,7 +152,7 @@ int RunLocal() {
   if (!job.ok()) return Fail(std::string(job.status().message()));
 
   std::string bin_dir = absl::GetFlag(FLAGS_bin_dir);
-  if (bin_dir.empty()) bin_dir = SelfDir();
+  if (bin_dir.empty()) bin_dir = tessera::ThisExecutableDir();
   std::string log_dir = absl::GetFlag(FLAGS_log_dir);
   if (log_dir.empty()) {
     const char* tmp = getenv("TMPDIR");

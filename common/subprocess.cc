@@ -103,4 +103,12 @@ int Subprocess::Stop(absl::Duration grace) {
   return *Wait(absl::InfiniteDuration());
 }
 
+std::string ThisExecutableDir() {
+  char buf[4096];
+  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  const std::string path(buf, n);
+  return path.substr(0, path.rfind('/'));
+}
+
 }  // namespace tessera

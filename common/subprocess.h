@@ -53,6 +53,10 @@ class Subprocess {
   std::optional<int> status_;
 };
 
+// The folder of the running executable (from /proc/self/exe), where the
+// other Tessera binaries are installed beside it; "." when unknown.
+std::string ThisExecutableDir();
+
 }  // namespace tessera
 
 #endif  // TESSERA_COMMON_SUBPROCESS_H_

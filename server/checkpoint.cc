@@ -232,40 +232,46 @@ int RemoveStaleTemporaries(const std::string& dir, int shard) {
   return removed;
 }
 
-absl::StatusOr<std::optional<RestoredModel>> LoadLatestCheckpoint(
-    const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
-    int num_slots, std::vector<std::string>* skipped) {
-  for (int64_t step : ListSteps(dir)) {
-    const std::string step_dir = absl::StrCat(dir, "/", StepDirName(step));
-    RestoredModel restored;
-    absl::Status s = ReadStep(step_dir, expected, model, num_slots, -1, &restored);
-    if (s.ok()) return std::optional<RestoredModel>(std::move(restored));
-    if (s.code() == absl::StatusCode::kFailedPrecondition) return s;
-    if (skipped != nullptr) skipped->push_back(absl::StrCat(step_dir, ": ", s.message()));
-  }
-  return std::optional<RestoredModel>();
-}
+namespace {
 
-absl::StatusOr<std::optional<RestoredModel>> LoadShardCheckpoint(
+// The newest step folder in `dir` that reads cleanly, newest first. With
+// `own_file_suffices`, a folder holding this shard's own file at the same
+// shard count is read from that file alone.
+absl::StatusOr<std::optional<RestoredModel>> LoadNewest(
     const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
-    int num_slots, std::vector<std::string>* skipped) {
+    int num_slots, bool own_file_suffices, std::vector<std::string>* skipped) {
   for (int64_t step : ListSteps(dir)) {
     const std::string step_dir = absl::StrCat(dir, "/", StepDirName(step));
-    const std::string own =
-        absl::StrCat(step_dir, "/", ShardFileName(expected.shard, expected.num_shards));
+    const bool own_only =
+        own_file_suffices &&
+        access(absl::StrCat(step_dir, "/", ShardFileName(expected.shard, expected.num_shards))
+                   .c_str(),
+               F_OK) == 0;
     RestoredModel restored;
-    absl::Status s =
-        access(own.c_str(), F_OK) == 0
-            ? ReadStep(step_dir, expected, model, num_slots, expected.shard, &restored)
-            : ReadStep(step_dir, expected, model, num_slots, -1, &restored);
+    absl::Status s = ReadStep(step_dir, expected, model, num_slots,
+                              own_only ? expected.shard : -1, &restored);
     if (s.ok()) {
-      restored.own_file_only = access(own.c_str(), F_OK) == 0;
+      restored.own_file_only = own_only;
       return std::optional<RestoredModel>(std::move(restored));
     }
     if (s.code() == absl::StatusCode::kFailedPrecondition) return s;
     if (skipped != nullptr) skipped->push_back(absl::StrCat(step_dir, ": ", s.message()));
   }
   return std::optional<RestoredModel>();
+}
+
+}  // namespace
+
+absl::StatusOr<std::optional<RestoredModel>> LoadLatestCheckpoint(
+    const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
+    int num_slots, std::vector<std::string>* skipped) {
+  return LoadNewest(dir, expected, model, num_slots, /*own_file_suffices=*/false, skipped);
+}
+
+absl::StatusOr<std::optional<RestoredModel>> LoadShardCheckpoint(
+    const std::string& dir, const CheckpointInfo& expected, const ModelSpec& model,
+    int num_slots, std::vector<std::string>* skipped) {
+  return LoadNewest(dir, expected, model, num_slots, /*own_file_suffices=*/true, skipped);
 }
 
 }  // namespace tessera

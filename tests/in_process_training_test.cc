@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "common/job_spec.h"
+#include "common/status_macros.h"
 #include "gtest/gtest.h"
 #include "server/shard_store.h"
 #include "tests/in_process_client.h"
@@ -151,6 +152,16 @@ TEST(InProcessTrainingTest, OverlappedAsyncAndSspLearnAndPushEveryStepOnce) {
   }
 }
 
+// Trains one worker of `job` (CPU backend) against `client`.
+absl::StatusOr<TrainSummary> TrainOneWorker(const JobSpec& job, ParameterClient* client,
+                                            const TrainerOptions& options) {
+  TESSERA_ASSIGN_OR_RETURN(const ModelSpec model, ParseModelSpec(job.model(), JobLoss(job)));
+  TESSERA_ASSIGN_OR_RETURN(const JobData data, LoadJobData(job, model));
+  TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<GradientBackend> backend,
+                           CreateCpuBackend(model, 512));
+  return Train(job, model, data.train, data.test, backend.get(), client, options);
+}
+
 // Parameters that stay put, and a version that jumps ahead once: what a
 // synchronous worker sees after being cut off while the others went on.
 class JumpingClient final : public ParameterClient {
@@ -190,16 +201,10 @@ class ResumingClient final : public ParameterClient {
 TEST(InProcessTrainingTest, RestartedAsyncWorkerContinuesFromItsClock) {
   JobSpec job = RegressionJob(2, 8, tessera::v1::ASYNC);  // 50 steps per epoch
   job.set_epochs(2);
-  auto model = ParseModelSpec(job.model(), JobLoss(job));
-  ASSERT_TRUE(model.ok());
-  auto data = LoadJobData(job, *model);
-  ASSERT_TRUE(data.ok());
-  auto backend = CreateCpuBackend(*model, 512);
-  ASSERT_TRUE(backend.ok());
   ResumingClient client(73);
   TrainerOptions options;
   options.rank = 1;
-  auto summary = Train(job, *model, data->train, data->test, backend->get(), &client, options);
+  auto summary = TrainOneWorker(job, &client, options);
   ASSERT_TRUE(summary.ok()) << summary.status();
   EXPECT_EQ(summary->first_step, 73);
   EXPECT_EQ(summary->steps, 100 - 73);
@@ -210,7 +215,7 @@ TEST(InProcessTrainingTest, RestartedAsyncWorkerContinuesFromItsClock) {
   EXPECT_EQ(summary->epochs.size(), 1u);
   // A resume point past the end means there is nothing left to do.
   ResumingClient done(1000);
-  auto none = Train(job, *model, data->train, data->test, backend->get(), &done, options);
+  auto none = TrainOneWorker(job, &done, options);
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_EQ(none->steps, 0);
   EXPECT_TRUE(done.pushed.empty());
@@ -219,15 +224,9 @@ TEST(InProcessTrainingTest, RestartedAsyncWorkerContinuesFromItsClock) {
 TEST(InProcessTrainingTest, SyncWorkerThatFellBehindSkipsClosedSteps) {
   JobSpec job = RegressionJob(2, 8, tessera::v1::SYNC);  // 50 steps per epoch
   job.set_epochs(2);
-  auto model = ParseModelSpec(job.model(), JobLoss(job));
-  ASSERT_TRUE(model.ok());
-  auto data = LoadJobData(job, *model);
-  ASSERT_TRUE(data.ok());
-  auto backend = CreateCpuBackend(*model, 512);
-  ASSERT_TRUE(backend.ok());
   JumpingClient client(/*jump_at=*/5, /*jump_to=*/70);
   TrainerOptions options;
-  auto summary = Train(job, *model, data->train, data->test, backend->get(), &client, options);
+  auto summary = TrainOneWorker(job, &client, options);
   ASSERT_TRUE(summary.ok()) << summary.status();
   // Steps 6..69 were closed by the others: not replayed.
   ASSERT_GE(client.pushed.size(), 8u);

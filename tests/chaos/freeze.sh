@@ -119,16 +119,7 @@ kill -CONT "$s1_pid"
 t_cont=$(now_s)
 chaos_log "shard 1's server continued (SIGCONT; it was in state '$s1_state')"
 
-run_deadline=$((SECONDS + run_limit_s))
-while chaos_alive worker-0 || chaos_alive worker-1; do
-  sample continued
-  [ $SECONDS -gt $run_deadline ] && break
-  sleep 0.3
-done
-rc0=0; chaos_wait worker-0 1 || rc0=$?
-rc1=0; chaos_wait worker-1 1 || rc1=$?
-[ "$rc0" = 124 ] && kill -9 "$(chaos_pid worker-0)" 2>/dev/null
-[ "$rc1" = 124 ] && kill -9 "$(chaos_pid worker-1)" 2>/dev/null
+chaos_wait_workers "$run_limit_s" 0.3 sample continued
 declare -A ver applied dup rej
 for s in 0 1; do
   ver[$s]=$(chaos_metric "s$s" tessera_shard_version)

@@ -22,6 +22,8 @@
 #                                   metrics on 9464), waits until SERVING
 #   chaos_start_worker HOST RANK JOB FLAGS...   (metrics on 9464 in HOST)
 #   chaos_alive NAME                true while a spawned process runs
+#   chaos_wait_workers LIMIT_S INTERVAL [CMD...]  run CMD every INTERVAL s
+#                                   while worker-0/1 run; sets rc0 and rc1
 #   chaos_wait NAME SECONDS         wait for a spawned process; returns its
 #                                   exit status, 124 on timeout
 #   chaos_metrics HOST [PORT]       /metrics text of the process in HOST
@@ -197,6 +199,25 @@ chaos_spawn() {
 chaos_pid() { echo "${CHAOS_PID[$1]}"; }
 # True while the spawned process NAME runs (not exited, not a zombie).
 chaos_alive() { kill -0 "$(chaos_pid "$1")" 2>/dev/null && [ "$(ps -o stat= -p "$(chaos_pid "$1")" | cut -c1)" != Z ]; }
+
+# While worker-0 or worker-1 runs, for at most LIMIT_S seconds, runs CMD (if
+# any) every INTERVAL seconds; then sets rc0 and rc1 to the workers' exit
+# statuses (124: still running at the limit, then killed).
+chaos_wait_workers() {
+  local limit=$1 interval=$2
+  shift 2
+  local deadline=$((SECONDS + limit))
+  while chaos_alive worker-0 || chaos_alive worker-1; do
+    if [ $# -gt 0 ]; then "$@"; fi
+    [ $SECONDS -gt $deadline ] && break
+    sleep "$interval"
+  done
+  rc0=0; chaos_wait worker-0 1 || rc0=$?
+  rc1=0; chaos_wait worker-1 1 || rc1=$?
+  if [ "$rc0" = 124 ]; then kill -9 "$(chaos_pid worker-0)" 2>/dev/null || true; fi
+  if [ "$rc1" = 124 ]; then kill -9 "$(chaos_pid worker-1)" 2>/dev/null || true; fi
+  return 0
+}
 
 # chaos_wait NAME SECONDS: the exit status of a spawned process, 124 when it
 # is still running after SECONDS.

@@ -77,14 +77,7 @@ fault_heal w1
 t_heal=$(now_s)
 chaos_log "healed"
 
-run_deadline=$((SECONDS + run_limit_s))
-while chaos_alive worker-0 || chaos_alive worker-1; do
-  sample healed
-  [ $SECONDS -gt $run_deadline ] && break
-  sleep 0.5
-done
-rc0=0; chaos_wait worker-0 1 || rc0=$?
-rc1=0; chaos_wait worker-1 1 || rc1=$?
+chaos_wait_workers "$run_limit_s" 0.5 sample healed
 t_end=$(now_s)
 v0_end=$(chaos_metric s0 tessera_shard_version)
 v1_end=$(chaos_metric s1 tessera_shard_version)

@@ -170,16 +170,7 @@ resumed_line=$(chaos_grep server-0 'resumed from' | head -n 1)
 resumed_step=$(echo "$resumed_line" | sed -nE 's/.*resumed from .* \(step ([0-9]+)\).*/\1/p')
 [ -z "$resumed_line" ] && resumed_step=0
 
-run_deadline=$((SECONDS + run_limit_s))
-while chaos_alive worker-0 || chaos_alive worker-1; do
-  sample restarted
-  [ $SECONDS -gt $run_deadline ] && break
-  sleep 0.3
-done
-rc0=0; chaos_wait worker-0 1 || rc0=$?
-rc1=0; chaos_wait worker-1 1 || rc1=$?
-[ "$rc0" = 124 ] && kill -9 "$(chaos_pid worker-0)" 2>/dev/null
-[ "$rc1" = 124 ] && kill -9 "$(chaos_pid worker-1)" 2>/dev/null
+chaos_wait_workers "$run_limit_s" 0.3 sample restarted
 v0_end=$(chaos_metric s0 tessera_shard_version)
 v1_end=$(chaos_metric s1 tessera_shard_version)
 chaos_stop_servers
