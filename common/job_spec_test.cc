@@ -241,6 +241,15 @@ TEST(ValidateJobSpecTest, ErrorsNameTheField) {
       {"validation_fraction NaN",
        [kNaN](JobSpec* j) { j->mutable_data()->set_validation_fraction(kNaN); },
        "job.data.validation_fraction:"},
+      {"negative checkpoint.every_seconds",
+       [](JobSpec* j) { j->mutable_checkpoint()->set_every_seconds(-1); },
+       "job.checkpoint.every_seconds:"},
+      {"top_k_fraction above 1", [](JobSpec* j) { j->set_top_k_fraction(1.5); },
+       "job.top_k_fraction: must be in [0, 1]"},
+      {"negative top_k_fraction", [](JobSpec* j) { j->set_top_k_fraction(-0.1); },
+       "job.top_k_fraction:"},
+      {"top_k_fraction NaN", [kNaN](JobSpec* j) { j->set_top_k_fraction(kNaN); },
+       "job.top_k_fraction:"},
   };
   for (const Case& c : cases) {
     JobSpec job = SyntheticJob();

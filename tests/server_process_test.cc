@@ -262,6 +262,22 @@ TEST_F(ServerProcessTest, SecondServerOnTheSamePortFailsLoudly) {
   EXPECT_EQ(Stats().shard(), 0);
 }
 
+TEST(WorkerFlagsTest, NegativeTimeoutsNameTheFlag) {
+  const std::string dir = NewTempDir("badflag");
+  const std::string path = dir + "/job.textproto";
+  WriteFile(path, kExactSumJob);
+  for (const char* flag : {"--connect_timeout_s", "--retry_timeout_s", "--request_timeout_s"}) {
+    SCOPED_TRACE(flag);
+    RunResult r = RunProgram({Bin("tessera-worker"), "--job=" + path, "--servers=127.0.0.1:1",
+                              std::string(flag) + "=-3"},
+                             dir, absl::Seconds(10));
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_NE(r.output.find(std::string(flag) + " must not be negative, got -3"),
+              std::string::npos)
+        << r.output;
+  }
+}
+
 TEST(JobFileTest, MalformedJobFilesNameTheProblem) {
   const std::string dir = NewTempDir("badjob");
   struct Case {
