@@ -80,6 +80,10 @@ ABSL_FLAG(std::string, out, "", "Write the JSON document here (default: stdout).
 ABSL_FLAG(std::string, serve_noop, "",
           "Internal: run the no-op server for --job and write its port to this file.");
 ABSL_FLAG(std::string, job, "", "Internal: the job file the no-op server serves.");
+ABSL_FLAG(std::string, transport, "tcp",
+          "tcp (127.0.0.1, ephemeral port) or unix (a Unix-domain socket in the run's "
+          "temporary folder).");
+ABSL_FLAG(std::string, listen, "", "Internal: the no-op server's listening address.");
 
 namespace tessera {
 namespace {
@@ -217,7 +221,8 @@ class NoopService final : public tessera::v1::ParameterService::Service {
   ServerMessage pull_reply_;  // one stream at a time in this bench
 };
 
-int ServeNoop(const std::string& job_path, const std::string& port_file) {
+int ServeNoop(const std::string& job_path, const std::string& listen,
+              const std::string& port_file) {
   absl::StatusOr<tessera::v1::JobSpec> job = LoadJob(job_path, {});
   if (!job.ok()) {
     std::cerr << "transport_bench: " << job.status() << "\n";
@@ -230,7 +235,7 @@ int ServeNoop(const std::string& job_path, const std::string& port_file) {
   NoopService service(*partition);
   int port = 0;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
   builder.RegisterService(&service);
@@ -292,12 +297,12 @@ struct DirectionResult {
 
 class BenchClient {
  public:
-  BenchClient(int port, const Partition& partition, uint64_t job_hash)
+  BenchClient(const std::string& target, const Partition& partition, uint64_t job_hash)
       : partition_(partition) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
-    channel_ = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
+    channel_ = grpc::CreateCustomChannel(target,
                                          grpc::InsecureChannelCredentials(), args);
     stub_ = tessera::v1::ParameterService::NewStub(channel_);
     stream_ = stub_->Session(&ctx_);
@@ -602,6 +607,12 @@ int Main() {
   double load[3] = {0, 0, 0};
   getloadavg(load, 3);
 
+  const std::string transport = absl::GetFlag(FLAGS_transport);
+  if (transport != "tcp" && transport != "unix") {
+    std::cerr << "transport_bench: --transport must be tcp or unix, not '" << transport << "'\n";
+    return 2;
+  }
+  const bool unix_socket = transport == "unix";
   std::vector<std::string> size_docs;
   for (int64_t mib : sizes) {
     const std::string job_path = absl::StrCat(dir, "/job-", mib, ".textproto");
@@ -630,10 +641,18 @@ int Main() {
       std::string name;
       std::vector<std::string> argv;
     };
+    // A Unix-domain socket has no port: the server still writes a port file
+    // (gRPC reports 1), which only tells the bench it is listening.
+    auto address = [&](const std::string& name) {
+      return unix_socket ? absl::StrCat("unix:", dir, "/", name, "-", mib, ".sock")
+                         : std::string("127.0.0.1:0");
+    };
     std::vector<Target> targets = {
-        {"tessera", {server_bin, "--job=" + job_path, "--shard=0", "--listen=127.0.0.1:0"}}};
+        {"tessera", {server_bin, "--job=" + job_path, "--shard=0",
+                     "--listen=" + address("tessera")}}};
     if (absl::GetFlag(FLAGS_noop_baseline)) {
-      targets.push_back({"noop_grpc", {ThisExecutableDir() + "/transport_bench", "--job=" + job_path}});
+      targets.push_back({"noop_grpc", {ThisExecutableDir() + "/transport_bench",
+                                       "--job=" + job_path, "--listen=" + address("noop_grpc")}});
     }
     std::vector<std::string> target_docs;
     for (const Target& t : targets) {
@@ -648,7 +667,10 @@ int Main() {
       }
       std::string doc;
       {
-        BenchClient client(server->port, *partition, JobHash(*job));
+        const std::string target = unix_socket
+                                       ? t.argv.back().substr(std::string("--listen=").size())
+                                       : absl::StrCat("127.0.0.1:", server->port);
+        BenchClient client(target, *partition, JobHash(*job));
         if (!client.ok()) {
           std::cerr << "transport_bench: Hello to " << t.name << " failed\n";
           return 1;
@@ -689,6 +711,7 @@ int Main() {
   getloadavg(load_end, 3);
   const std::string doc = absl::StrCat(
       "{\"benchmark\": \"transport\", \"units\": \"GB/s = payload bytes / wall seconds / 1e9\", ",
+      "\"transport\": \"", transport, "\", ",
       "\"block_bytes\": ", block_bytes, ", \"rounds\": ", rounds,
       ", \"load_average_start\": ", JsonArray({load[0], load[1], load[2]}),
       ", \"load_average_end\": ", JsonArray({load_end[0], load_end[1], load_end[2]}),
@@ -716,7 +739,8 @@ int main(int argc, char** argv) {
       "and a no-op gRPC server. Prints one JSON document.");
   absl::ParseCommandLine(argc, argv);
   if (!absl::GetFlag(FLAGS_serve_noop).empty()) {
-    return tessera::ServeNoop(absl::GetFlag(FLAGS_job), absl::GetFlag(FLAGS_serve_noop));
+    return tessera::ServeNoop(absl::GetFlag(FLAGS_job), absl::GetFlag(FLAGS_listen),
+                              absl::GetFlag(FLAGS_serve_noop));
   }
   return tessera::Main();
 }

@@ -8,8 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "common/credentials.h"
 #include "common/job_spec.h"
+#include "common/socket_tuning.h"
 
 namespace tessera {
 
@@ -28,11 +30,18 @@ JobOverrides JobOverridesFromFlags();
 // --tls_ca, --tls_cert, --tls_key, --token_file, --admin_token_file.
 SecurityFiles SecurityFilesFromFlags();
 
+// --tcp_rto_min_us, checked against this kernel: kInvalidArgument naming
+// the flag for a value the kernel refuses. On a kernel without a per-socket
+// floor it returns 0 (the system's floor), with a warning on stderr when the
+// flag was given.
+absl::StatusOr<SocketTuning> SocketTuningFromFlags();
+
 // The given security flags as arguments, for child processes.
 std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
-// child processes so that every process computes the same job.
+// child processes so that every process computes the same job; also
+// --tcp_rto_min_us when given.
 std::vector<std::string> ForwardedJobFlags();
 
 // Writes `port` and a newline to `path` through a temporary file and a

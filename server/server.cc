@@ -91,6 +91,7 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, credentials, &s->port_);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  ApplySocketTuning(options.socket_tuning, &builder);
   // Accept the workers' keepalive pings (every 10 s, also between calls);
   // the server pings too, so a vanished worker's stream ends and it leaves
   // the barrier instead of holding it for the TCP timeout.
@@ -149,7 +150,9 @@ void TesseraServer::JoinLoop(ServerOptions options, uint64_t job_hash) {
     Shutdown(absl::ZeroDuration());
     return;
   }
-  auto channel = grpc::CreateChannel(options.coordinator_address, *credentials);
+  grpc::ChannelArguments args;
+  ApplySocketTuning(options.socket_tuning, &args);
+  auto channel = grpc::CreateCustomChannel(options.coordinator_address, *credentials, args);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   tessera::v1::RegisterServerRequest request;
   request.set_shard(options.shard);

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
+#include "common/socket_tuning.h"
 #include "proto/tessera.pb.h"
 #include "server/checkpointer.h"
 #include "common/credentials.h"
@@ -47,6 +48,9 @@ struct ServerOptions {
   // Streams served at once (0: 4 per worker + 8); more are shed with
   // RESOURCE_EXHAUSTED.
   int max_sessions = 0;
+  // TCP options for the listening socket, the connections it accepts and
+  // the channel to the coordinator.
+  SocketTuning socket_tuning;
 };
 
 // A running server. Thread-safe.

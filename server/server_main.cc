@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.security = tessera::SecurityFilesFromFlags();
   options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  absl::StatusOr<tessera::SocketTuning> tuning = tessera::SocketTuningFromFlags();
+  if (!tuning.ok()) return Fail(std::string(tuning.status().message()));
+  options.socket_tuning = *tuning;
   options.advertised_address = absl::GetFlag(FLAGS_advertise);
   if (options.advertised_address.empty()) {
     // A specific listening address names itself; a wildcard one goes by the

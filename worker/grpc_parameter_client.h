@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/partition.h"
+#include "common/socket_tuning.h"
 #include "proto/tessera.pb.h"
 #include "worker/parameter_client.h"
 
@@ -41,6 +42,8 @@ struct GrpcClientOptions {
   // barrier timeout); an overdue request fails with DEADLINE_EXCEEDED and
   // is retried on a new stream.
   absl::Duration request_timeout = absl::Seconds(65);
+  // TCP options of the streams' connections (retransmission-timeout floor).
+  SocketTuning socket_tuning;
 };
 
 // Opens a stream to every shard and says Hello on each. Shards are served in

@@ -168,6 +168,8 @@ int main(int argc, char** argv) {
         {"--request_timeout_s", absl::GetFlag(FLAGS_request_timeout_s)}}) {
     if (value < 0) return Fail(absl::StrCat(name, " must not be negative, got ", value));
   }
+  absl::StatusOr<tessera::SocketTuning> socket_tuning = tessera::SocketTuningFromFlags();
+  if (!socket_tuning.ok()) return Fail(std::string(socket_tuning.status().message()));
 
   absl::StatusOr<tessera::ModelSpec> model =
       tessera::ParseModelSpec(job->model(), tessera::JobLoss(*job));
@@ -223,6 +225,7 @@ int main(int argc, char** argv) {
   client_options.incarnation = reg_reply.incarnation();
   client_options.job_hash = job_hash;
   client_options.credentials = *credentials;
+  client_options.socket_tuning = *socket_tuning;
   client_options.wire_dtype = job->wire_dtype();
   client_options.top_k_fraction = job->top_k_fraction();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));

@@ -1,0 +1,62 @@
+// TCP options that gRPC does not set itself, applied to every socket a
+// channel or server opens (gRPC's socket-mutator hook).
+//
+// The one that matters is the retransmission-timeout floor. Linux never lets
+// a TCP retransmission timer fire sooner than 200 ms, a figure chosen for the
+// Internet; inside a cluster a round trip takes tens of microseconds, so every
+// tail segment or retransmission that is lost stalls a step for 200 ms or
+// more. Linux 6.15 and later take a per-socket floor (TCP_RTO_MIN_US): more
+// than one clock tick, at most 200 ms, rounded up to whole ticks (5000 us
+// becomes 8 ms at HZ=250). The timer still follows the measured round trip
+// (srtt + 4 * rttvar); only its floor moves. See docs/DESIGN.md, "Lossy
+// networks".
+
+#ifndef TESSERA_COMMON_SOCKET_TUNING_H_
+#define TESSERA_COMMON_SOCKET_TUNING_H_
+
+#include <cstdint>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+
+namespace tessera {
+
+struct SocketTuning {
+  // Floor of the TCP retransmission timeout in microseconds; 0 leaves the
+  // system's (net.ipv4.tcp_rto_min_us, 200 ms unless changed).
+  int tcp_rto_min_us = 0;
+};
+
+// The default of the processes' --tcp_rto_min_us flag.
+inline constexpr int kDefaultTcpRtoMinUs = 5000;
+
+// kInvalidArgument naming the flag when the value is outside what Linux
+// accepts (0, or 1..200000 microseconds; the kernel also refuses one clock
+// tick or less, which this function checks on a scratch socket).
+// kUnimplemented when the kernel has no per-socket floor (before 6.15): the
+// caller warns and goes on with the system's floor.
+absl::Status CheckSocketTuning(const SocketTuning& tuning);
+
+// Applies `tuning` to every socket of channels created with `args`, or of
+// the server built by `builder` (its listening socket and the connections
+// it accepts). No-op when nothing is set. A socket the kernel refuses the
+// option for keeps working with the system's defaults (counted in
+// SocketTuningCounts()).
+void ApplySocketTuning(const SocketTuning& tuning, grpc::ChannelArguments* args);
+void ApplySocketTuning(const SocketTuning& tuning, grpc::ServerBuilder* builder);
+
+// What the hook did in this process, for tests and diagnostics.
+struct SocketTuningCounts {
+  // Sockets whose floor was set and read back, by use.
+  int64_t client_connections = 0;
+  int64_t server_listeners = 0;
+  int64_t server_connections = 0;
+  int64_t refused = 0;        // sockets whose setsockopt failed
+  int last_read_back_us = 0;  // the floor the kernel reported for the latest one
+};
+SocketTuningCounts GetSocketTuningCounts();
+
+}  // namespace tessera
+
+#endif  // TESSERA_COMMON_SOCKET_TUNING_H_
