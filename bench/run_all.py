@@ -8,10 +8,14 @@ Stages, run one after another (never two at once):
   transport  build/bin/transport_bench: push and pull through a real
              tessera-server at 1, 16 and 64 MiB (1 server, 1 worker stream),
              beside a no-op gRPC server, memcpy and protobuf's CPU costs
+  transport_unix  the same loops over a Unix-domain socket (same-host
+             processes could use one), beside the TCP figures
   apply      build/bin/apply_bench: Optimizer::Apply over 64 MiB beside memcpy
   e2e        bench/fmnist_vs_ddp.py: Fashion-MNIST, Tessera (2 servers,
              2 workers, sync) vs PyTorch DDP (gloo, 2 x 1 thread), 3 epochs
   scaling    `tessera local`, Fashion-MNIST sync, 2 servers, 1/2/4 workers
+  scaling_caps  bench/scaling_netns.sh (root): the same with every worker in
+             its own network namespace behind a tbf bandwidth cap
   profile    (only with --profile) perf record of the 64 MiB push and pull
              loops, to see where the time goes
 
@@ -45,7 +49,8 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 FMNIST_JOB = os.path.join(REPO_ROOT, "examples", "fashion_mnist_mlp.textproto")
-STAGES = ("iperf3", "transport", "apply", "e2e", "scaling", "profile")
+STAGES = ("iperf3", "transport", "transport_unix", "apply", "e2e", "scaling", "scaling_caps",
+          "profile")
 SIZES_MIB = (1, 16, 64)
 
 # Figures measured by others on a 2-core machine like this one (127.0.0.1,
@@ -353,6 +358,28 @@ def run_scaling(args):
     for r in runs:
         r["speedup_vs_1_worker"] = r["samples_per_sec_median"] / base
     return {"job": os.path.relpath(FMNIST_JOB, REPO_ROOT), "mode": "sync", "runs": runs}
+
+
+def run_scaling_caps(args):
+    """bench/scaling_netns.sh; needs root for network namespaces."""
+    if os.geteuid() != 0:
+        log("  skipped: network namespaces need root")
+        return {"skipped": "needs root for network namespaces"}
+    out = os.path.join(args.results_dir, "scaling_caps.json")
+    cmd = ["bash", os.path.join(REPO_ROOT, "bench", "scaling_netns.sh"),
+           os.path.join(args.build_dir, "bin"), f"--out={out}"]
+    log("  $ " + " ".join(cmd))
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=3600)
+    for line in r.stdout.splitlines():
+        if not line.startswith("{"):
+            log("  | " + line)
+    if r.returncode == 77:
+        return {"skipped": r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "77"}
+    if r.returncode != 0:
+        sys.exit(f"error: scaling_netns.sh exited with status {r.returncode}")
+    with open(out) as f:
+        return json.load(f)
 
 
 # Kernel and library symbols grouped by what the time is spent on.
@@ -706,10 +733,10 @@ def write_report(results, path, plots):
                                fmt(pb.get("all_finite_gbps"))])
         L.append("In-process floors measured in the same run (GB/s of payload, one core; in "
                  "brackets, fresh pages faulted in per payload byte). `ClientMessage` carries the "
-                 "push in a `oneof`, and protobuf's `Clear()` deletes a oneof's message, so parsing "
-                 "into a reused `ClientMessage` (what the server's `Session` loop does) reallocates "
-                 "every block's buffer; the bare `PushRequest` column is the same bytes parsed into "
-                 "a reused message that keeps them:\n")
+                 "push as a plain field (a `oneof` would be deleted by `Clear()`, and every "
+                 "block's buffer reallocated), so parsing into a reused `ClientMessage` (what the "
+                 "server's `Session` loop does) keeps the buffers, like the bare `PushRequest` "
+                 "column:\n")
         L.append(md_table(["size", "memcpy warm", "memcpy into fresh mmap", "EncodeF32",
                            "SerializeToString", "Parse into reused ClientMessage",
                            "Parse into reused PushRequest", "AllFinite"], floor_rows))
@@ -744,6 +771,30 @@ def write_report(results, path, plots):
                            "cores busy"],
                           ph_rows))
         L.append("")
+        tu = results.get("transport_unix")
+        if tu:
+            by_size = {s["size_mib"]: s for s in tu["sizes"]}
+            u_rows = []
+            for s in t["sizes"]:
+                us = by_size.get(s["size_mib"])
+                if not us:
+                    continue
+                for d in ("push", "pull"):
+                    tcp_t = s.get("tessera", {}).get(d, {}).get("gbps_median")
+                    uds_t = us.get("tessera", {}).get(d, {}).get("gbps_median")
+                    tcp_n = s.get("noop_grpc", {}).get(d, {}).get("gbps_median")
+                    uds_n = us.get("noop_grpc", {}).get(d, {}).get("gbps_median")
+                    ratio = uds_t / tcp_t if tcp_t and uds_t else None
+                    u_rows.append([f"{s['size_mib']} MiB", d, fmt(tcp_t), fmt(uds_t), fmt(ratio),
+                                   fmt(tcp_n), fmt(uds_n)])
+            L.append("Unix-domain socket against TCP on 127.0.0.1 (`transport_bench "
+                     "--transport=unix`, the same loops right after the TCP ones; processes on "
+                     "one host could use one with `--listen=unix:PATH` and `unix:PATH` "
+                     "addresses). Tessera keeps TCP for local clusters unless this column "
+                     "shows a clear gain:\n")
+            L.append(md_table(["size", "op", "Tessera TCP GB/s", "Tessera UDS GB/s",
+                               "UDS / TCP", "no-op TCP GB/s", "no-op UDS GB/s"], u_rows))
+            L.append("")
         for r in rows:
             for d in ("push", "pull"):
                 summary_lines.append([f"{d} {r['size_mib']} MiB", f"{fmt(r[d]['gbps'])} GB/s",
@@ -812,6 +863,28 @@ def write_report(results, path, plots):
             summary_lines.append([f"scaling {r['workers']} worker(s)",
                                   f"{r['samples_per_sec_median']:.0f} samples/s",
                                   f"{fmt(r['speedup_vs_1_worker'])}x 1 worker", "-"])
+
+    caps = results.get("scaling_caps")
+    if caps and "skipped" not in caps:
+        L.append("## Scaling under bandwidth caps (network namespaces)\n")
+        crows = [[r["rate"], r["wire_dtype"], r["workers"],
+                  f"{r['samples_per_sec']:.0f}" if r["samples_per_sec"] is not None else "failed",
+                  fmt(r["ratio_to_1_worker"]), r["payload_bytes_per_step"]]
+                 for r in caps["runs"]]
+        L.append(md_table(["cap per worker link", "wire dtype", "workers", "samples/s",
+                           "x 1 worker (same cap)", "bytes pushed per worker step"], crows))
+        L.append("")
+        L.append(f"`bench/scaling_netns.sh`: sync Fashion-MNIST, {caps['max_steps']} steps per "
+                 "run, 2 servers and each worker in network namespaces of their own on one "
+                 "bridge; `tc tbf` caps every worker's link both ways (servers uncapped). "
+                 "samples/s is worker 0's summary (all workers' samples, training steps only). "
+                 f"Every process still shares the machine's {m['nproc']} cores, which is what "
+                 "the uncapped rows measure.\n")
+        for r in caps["runs"]:
+            if r["rate"] != "none" and r["workers"] == max(x["workers"] for x in caps["runs"]):
+                summary_lines.append([f"scaling {r['workers']} workers, {r['rate']} {r['wire_dtype']}",
+                                      f"{r['samples_per_sec'] or 0:.0f} samples/s",
+                                      f"{fmt(r['ratio_to_1_worker'])}x 1 worker", "-"])
 
     prof = results.get("profile")
     if prof and "skipped" not in prof:
@@ -885,6 +958,7 @@ def write_report(results, path, plots):
             L.append(f"![{os.path.basename(p)}]({os.path.basename(p)})\n")
     L.append("## Files\n")
     L.append("`results.json` (everything above, machine-readable), `transport.json`, "
+             "`transport_unix.json`, `scaling_caps.json`, "
              "`apply.json`, `fmnist_vs_ddp.json` (the stages' own output), "
              + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + ".\n")
     if os.path.exists(os.path.join(os.path.dirname(path), "analysis.md")):
@@ -989,8 +1063,8 @@ def main():
     if args.only and os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
-        for key in ("iperf3", "iperf3_reference_gbps", "transport", "apply", "e2e", "scaling",
-                    "profile"):
+        for key in ("iperf3", "iperf3_reference_gbps", "transport", "transport_unix", "apply",
+                    "e2e", "scaling", "scaling_caps", "profile"):
             if key in old:
                 results[key] = old[key]
         results["noise"] = [n for n in old.get("noise", [])
@@ -1024,6 +1098,14 @@ def main():
         r["when"] = "after transport"
         results["iperf3"].append(r)
         log(f"  iperf3: {r['gbps_received']:.2f} GB/s")
+    if "transport_unix" in stages:
+        out = os.path.join(args.results_dir, "transport_unix.json")
+        results["transport_unix"] = stage("transport_unix", lambda: run_binary(
+            [os.path.join(args.build_dir, "bin", "transport_bench"),
+             f"--bin_dir={os.path.join(args.build_dir, 'bin')}", "--transport=unix",
+             "--floors=false", "--sizes_mib=" + ",".join(map(str, SIZES_MIB)),
+             f"--rounds={args.transport_rounds}", f"--round_mib={args.transport_round_mib}",
+             f"--out={out}"], out))
     if results.get("iperf3"):
         results["iperf3_reference_gbps"] = max(r["gbps_received"] for r in results["iperf3"])
     if "apply" in stages:
@@ -1035,6 +1117,8 @@ def main():
         results["e2e"] = stage("e2e", lambda: run_e2e(args))
     if "scaling" in stages:
         results["scaling"] = stage("scaling", lambda: run_scaling(args))
+    if "scaling_caps" in stages:
+        results["scaling_caps"] = stage("scaling_caps", lambda: run_scaling_caps(args))
     if "profile" in stages:
         results["profile"] = stage("profile", lambda: run_profile(args))
 

@@ -61,6 +61,7 @@
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
+#include "common/shared_region.h"
 #include "common/subprocess.h"
 #include "common/tensor_codec.h"
 #include "proto/tessera.grpc.pb.h"
@@ -81,8 +82,9 @@ ABSL_FLAG(std::string, serve_noop, "",
           "Internal: run the no-op server for --job and write its port to this file.");
 ABSL_FLAG(std::string, job, "", "Internal: the job file the no-op server serves.");
 ABSL_FLAG(std::string, transport, "tcp",
-          "tcp (127.0.0.1, ephemeral port) or unix (a Unix-domain socket in the run's "
-          "temporary folder).");
+          "tcp (127.0.0.1, ephemeral port), unix (a Unix-domain socket in the run's "
+          "temporary folder) or shm (TCP for the messages, payloads through the same-host "
+          "shared-memory region as workers use; no no-op baseline).");
 ABSL_FLAG(std::string, listen, "", "Internal: the no-op server's listening address.");
 
 namespace tessera {
@@ -297,7 +299,8 @@ struct DirectionResult {
 
 class BenchClient {
  public:
-  BenchClient(const std::string& target, const Partition& partition, uint64_t job_hash)
+  BenchClient(const std::string& target, const Partition& partition, uint64_t job_hash,
+              bool shared_memory)
       : partition_(partition) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
@@ -312,7 +315,26 @@ class BenchClient {
     hello.mutable_hello()->set_incarnation(1);
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
+    if (shared_memory) {
+      const uint64_t bytes = partition.shard_bytes(0);
+      absl::StatusOr<std::unique_ptr<SharedRegion>> r = SharedRegion::Create(bytes, bytes);
+      if (!r.ok()) {
+        error_ = std::string(r.status().message());
+        return;
+      }
+      region_ = *std::move(r);
+      hello.mutable_hello()->set_shm_name(region_->name());
+      hello.mutable_hello()->set_shm_size(region_->size());
+      hello.mutable_hello()->set_shm_nonce(std::string(region_->nonce()));
+    }
     ok_ = stream_->Write(hello) && stream_->Read(&reply_) && reply_.code() == 0;
+    if (ok_ && region_ != nullptr) {
+      region_->Unlink();
+      if (!reply_.shm_accepted()) {
+        error_ = "the server declined shared memory: " + reply_.shm_detail();
+        ok_ = false;
+      }
+    }
     grads_.assign(partition.total_elements(), 1e-3f);
     params_.assign(partition.total_elements(), 0.0f);
     for (uint32_t id : partition.shard_blocks(0)) payload_bytes_ += partition.blocks()[id].num_elements * 4;
@@ -348,7 +370,11 @@ class BenchClient {
                 tb->mutable_data());
     }
     const auto t1 = Clock::now();
-    if (!stream_->Write(push_)) return Fail("push: stream closed on write");
+    // As the worker does: the payloads go through the region for the write.
+    if (region_ != nullptr) OffloadBlocks(push->mutable_blocks(), region_->request_area(), &parked_);
+    const bool written = stream_->Write(push_);
+    if (region_ != nullptr) RestoreBlocks(push->mutable_blocks(), &parked_);
+    if (!written) return Fail("push: stream closed on write");
     const auto t2 = Clock::now();
     if (!stream_->Read(&reply_)) return Fail("push: stream closed on read");
     const auto t3 = Clock::now();
@@ -371,7 +397,10 @@ class BenchClient {
     if (reply_.code() != 0) return Fail("pull: " + reply_.message());
     for (const tessera::v1::TensorBlock& tb : reply_.pull().blocks()) {
       const BlockInfo& b = partition_.blocks()[tb.block_id()];
-      absl::Status s = DecodeF32(tb.dtype(), tb.data(),
+      absl::StatusOr<absl::string_view> payload = BlockPayload(
+          tb, region_ != nullptr ? region_->reply_area() : absl::Span<const char>());
+      if (!payload.ok()) return Fail("pull: " + std::string(payload.status().message()));
+      absl::Status s = DecodeF32(tb.dtype(), *payload,
                                  absl::MakeSpan(params_).subspan(b.flat_offset, b.num_elements));
       if (!s.ok()) return Fail("pull: " + std::string(s.message()));
     }
@@ -396,6 +425,8 @@ class BenchClient {
   ClientMessage push_;
   ClientMessage pull_;
   ServerMessage reply_;
+  std::unique_ptr<SharedRegion> region_;
+  std::vector<std::string> parked_;
   std::vector<float> grads_;
   std::vector<float> params_;
   uint64_t id_ = 0;
@@ -608,8 +639,9 @@ int Main() {
   getloadavg(load, 3);
 
   const std::string transport = absl::GetFlag(FLAGS_transport);
-  if (transport != "tcp" && transport != "unix") {
-    std::cerr << "transport_bench: --transport must be tcp or unix, not '" << transport << "'\n";
+  if (transport != "tcp" && transport != "unix" && transport != "shm") {
+    std::cerr << "transport_bench: --transport must be tcp, unix or shm, not '" << transport
+              << "'\n";
     return 2;
   }
   const bool unix_socket = transport == "unix";
@@ -650,7 +682,7 @@ int Main() {
     std::vector<Target> targets = {
         {"tessera", {server_bin, "--job=" + job_path, "--shard=0",
                      "--listen=" + address("tessera")}}};
-    if (absl::GetFlag(FLAGS_noop_baseline)) {
+    if (absl::GetFlag(FLAGS_noop_baseline) && transport != "shm") {
       targets.push_back({"noop_grpc", {ThisExecutableDir() + "/transport_bench",
                                        "--job=" + job_path, "--listen=" + address("noop_grpc")}});
     }
@@ -670,9 +702,10 @@ int Main() {
         const std::string target = unix_socket
                                        ? t.argv.back().substr(std::string("--listen=").size())
                                        : absl::StrCat("127.0.0.1:", server->port);
-        BenchClient client(target, *partition, JobHash(*job));
+        BenchClient client(target, *partition, JobHash(*job), transport == "shm");
         if (!client.ok()) {
-          std::cerr << "transport_bench: Hello to " << t.name << " failed\n";
+          std::cerr << "transport_bench: Hello to " << t.name << " failed " << client.error()
+                    << "\n";
           return 1;
         }
         std::cerr << absl::StrFormat("%s %d MiB (%d blocks): %d ops x %d rounds per direction\n",

@@ -34,8 +34,12 @@ ABSL_FLAG(std::optional<int32_t>, tcp_rto_min_us, std::nullopt,
           "Floor of the TCP retransmission timeout on this process's gRPC sockets, in "
           "microseconds (default 5000; the kernel rounds up to whole clock ticks: 8 ms at "
           "HZ=250). 0 keeps the system's floor (200 ms unless net.ipv4.tcp_rto_min_us says "
-          "otherwise). Needs Linux 6.15 or later; older kernels keep the system's floor with "
-          "a warning.");
+          "otherwise). "
+          "Needs Linux 6.15 or later; older kernels keep the system's floor with a warning.");
+ABSL_FLAG(bool, shared_memory, true,
+          "Same-host fast path: workers offer servers on this host (loopback or unix: "
+          "addresses) a shared-memory region for tensor payloads, and servers accept it. "
+          "--noshared_memory keeps every payload on the gRPC stream.");
 ABSL_FLAG(std::optional<int32_t>, epochs, std::nullopt, "Override job.epochs.");
 ABSL_FLAG(std::optional<int32_t>, batch_size, std::nullopt,
           "Override job.batch_size (samples per worker per step).");
@@ -183,6 +187,8 @@ absl::StatusOr<SocketTuning> SocketTuningFromFlags() {
   return tuning;
 }
 
+bool SharedMemoryFromFlags() { return absl::GetFlag(FLAGS_shared_memory); }
+
 std::vector<std::string> ForwardedSecurityFlags() {
   std::vector<std::string> out;
   const SecurityFiles f = SecurityFilesFromFlags();
@@ -212,6 +218,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
   Forward(FLAGS_tcp_rto_min_us, "tcp_rto_min_us", &out);
+  if (!absl::GetFlag(FLAGS_shared_memory)) out.push_back("--shared_memory=false");
   if (const std::optional<bool> v = OverlapOverride()) {
     out.push_back(absl::StrCat("--overlap=", *v ? "true" : "false"));
   }

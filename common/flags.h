@@ -36,12 +36,15 @@ SecurityFiles SecurityFilesFromFlags();
 // flag was given.
 absl::StatusOr<SocketTuning> SocketTuningFromFlags();
 
+// --shared_memory.
+bool SharedMemoryFromFlags();
+
 // The given security flags as arguments, for child processes.
 std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
 // child processes so that every process computes the same job; also
-// --tcp_rto_min_us when given.
+// --tcp_rto_min_us when given and --shared_memory=false.
 std::vector<std::string> ForwardedJobFlags();
 
 // Writes `port` and a newline to `path` through a temporary file and a

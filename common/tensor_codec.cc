@@ -51,7 +51,7 @@ float FromBF16(uint16_t h) {
 }
 
 // Reads element i of a BF16 payload (the bytes may be unaligned).
-uint16_t BF16At(const std::string& bytes, int64_t i) {
+uint16_t BF16At(absl::string_view bytes, int64_t i) {
   uint16_t h;
   std::memcpy(&h, bytes.data() + 2 * i, 2);
   return h;
@@ -76,7 +76,7 @@ void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::strin
   }
 }
 
-absl::Status DecodeF32(tessera::v1::DType dtype, const std::string& bytes,
+absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
                        absl::Span<float> out) {
   if (dtype != tessera::v1::F32 && dtype != tessera::v1::BF16) {
     return absl::InvalidArgumentError(absl::StrCat(

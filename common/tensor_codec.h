@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "proto/tessera.pb.h"
 
@@ -29,7 +30,7 @@ void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::strin
 // Decodes a payload of `dtype` (F32 or BF16) holding exactly out.size()
 // elements into `out`. kInvalidArgument when the dtype is unsupported or
 // the byte length does not match; `out` is untouched then.
-absl::Status DecodeF32(tessera::v1::DType dtype, const std::string& bytes,
+absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
                        absl::Span<float> out);
 
 // Adds the `n` elements of an F32 or BF16 payload to `acc`.

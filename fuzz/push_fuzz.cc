@@ -26,6 +26,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/protocol.h"
+#include "common/shared_region.h"
 #include "fuzz/fuzz_util.h"
 #include "proto/tessera.pb.h"
 #include "server/shard_store.h"
@@ -184,6 +185,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const bool parsed = message.ParseFromArray(data + pos, static_cast<int>(len));
     pos += len;
     if (!parsed) continue;  // gRPC fails the stream's Read on such bytes
+    // As the Session handler does: payloads a push left in the stream's
+    // shared-memory region (here a fixed buffer) join their blocks first.
+    static char region[4096];
+    if (message.has_push() &&
+        !tessera::MaterializeBlocks(message.mutable_push()->mutable_blocks(),
+                                    absl::Span<const char>(region, (ctl & 0x20) ? sizeof(region) : 0))
+             .ok()) {
+      continue;  // answered with INVALID_ARGUMENT, nothing reaches the store
+    }
     switch (tessera::KindOf(message)) {
       case tessera::RequestKind::kHello:
         session.Connect(message.hello().worker_id(), message.hello().incarnation());

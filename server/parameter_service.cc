@@ -8,6 +8,7 @@
 #include "common/credentials.h"
 #include "common/grpc_status.h"
 #include "common/protocol.h"
+#include "common/shared_region.h"
 
 namespace tessera {
 namespace {
@@ -92,19 +93,54 @@ grpc::Status ParameterServiceImpl::Session(
   const int worker = hello.worker_id();
   const int64_t incarnation = hello.incarnation();
 
+  // Same-host fast path: map the worker's region when it names one.
+  std::unique_ptr<SharedRegion> region;
+  std::string shm_detail;
+  if (!hello.shm_name().empty()) {
+    // Room for a dense F32 push and pull of this shard, as the worker sizes it.
+    const uint64_t shard_bytes = store_->partition().shard_bytes(store_->shard());
+    const uint64_t max_bytes = SharedRegion::kHeaderBytes + 2 * (shard_bytes + 4096);
+    if (!allow_shared_memory_) {
+      shm_detail = "shared memory is off on this server (--noshared_memory)";
+    } else if (!IsLocalPeer(context->peer())) {
+      shm_detail = absl::StrCat("the peer ", context->peer(), " is not on this host");
+    } else {
+      absl::StatusOr<std::unique_ptr<SharedRegion>> r = SharedRegion::Open(
+          hello.shm_name(), hello.shm_size(), hello.shm_nonce(), max_bytes);
+      if (r.ok()) {
+        region = *std::move(r);
+      } else {
+        shm_detail = std::string(r.status().message());
+      }
+    }
+  }
+  const absl::Span<const char> request_area =
+      region != nullptr ? region->request_area() : absl::Span<const char>();
+  std::vector<std::string> parked;  // reply payloads while they sit in the region
+
   // Messages are reused for the life of the stream so that their byte
   // buffers keep their capacity from one step to the next.
   ServerMessage reply;
   reply.set_request_id(request.request_id());
   reply.set_worker_clock(store_->WorkerClock(worker));
+  reply.set_shm_accepted(region != nullptr);
+  reply.set_shm_detail(shm_detail);
   bool ok = stream->Write(reply);
   reply.clear_worker_clock();
+  reply.clear_shm_accepted();
+  reply.clear_shm_detail();
   while (ok && stream->Read(&request)) {
     reply.set_request_id(request.request_id());
     reply.set_code(0);
     reply.clear_message();
     reply.clear_push();
-    switch (KindOf(request)) {
+    // Payloads a push left in the region join their blocks before anything
+    // else looks at them; a bad range is refused like any bad block.
+    const absl::Status payloads =
+        request.has_push()
+            ? MaterializeBlocks(request.mutable_push()->mutable_blocks(), request_area)
+            : absl::OkStatus();
+    switch (payloads.ok() ? KindOf(request) : RequestKind::kNone) {
       case RequestKind::kPush: {
         const absl::Time start = absl::Now();
         absl::StatusOr<PushOutcome> outcome =
@@ -149,11 +185,15 @@ grpc::Status ParameterServiceImpl::Session(
       case RequestKind::kHello:
         store_->CountRejected();
         reply.clear_pull();
-        SetError(absl::InvalidArgumentError(
-                     "expected a push or a pull after the Hello"),
+        SetError(payloads.ok() ? absl::InvalidArgumentError(
+                                     "expected a push or a pull after the Hello")
+                               : payloads,
                  &reply);
     }
+    const bool offload = region != nullptr && reply.has_pull();
+    if (offload) OffloadBlocks(reply.mutable_pull()->mutable_blocks(), region->reply_area(), &parked);
     ok = stream->Write(reply);
+    if (offload) RestoreBlocks(reply.mutable_pull()->mutable_blocks(), &parked);
   }
   store_->Disconnect(worker, incarnation);
   if (context->IsCancelled()) {

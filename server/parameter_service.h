@@ -34,6 +34,10 @@ class ParameterServiceImpl final
                        ServiceMetrics* metrics, int max_sessions,
                        std::function<std::optional<CheckpointResult>()> last_checkpoint);
 
+  // Whether Hellos that name a same-host shared-memory region may use it
+  // (common/shared_region.h); on by default. Call before serving.
+  void AllowSharedMemory(bool allow) { allow_shared_memory_ = allow; }
+
   grpc::Status Session(
       grpc::ServerContext* context,
       grpc::ServerReaderWriter<tessera::v1::ServerMessage,
@@ -60,6 +64,7 @@ class ParameterServiceImpl final
   const std::function<absl::StatusOr<CheckpointResult>()> checkpoint_;
   const std::function<std::optional<CheckpointResult>()> last_checkpoint_;
   ServiceMetrics* const metrics_;
+  bool allow_shared_memory_ = true;
 };
 
 // Serves the CoordinatorService. Thread-safe; does not own `coordinator`.

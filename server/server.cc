@@ -84,6 +84,7 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
         return last;
       });
 
+  s->parameter_service_->AllowSharedMemory(options.allow_shared_memory);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   TESSERA_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,

@@ -51,6 +51,8 @@ struct ServerOptions {
   // TCP options for the listening socket, the connections it accepts and
   // the channel to the coordinator.
   SocketTuning socket_tuning;
+  // Accept workers' same-host shared-memory regions (common/shared_region.h).
+  bool allow_shared_memory = true;
 };
 
 // A running server. Thread-safe.

@@ -101,6 +101,7 @@ int main(int argc, char** argv) {
   absl::StatusOr<tessera::SocketTuning> tuning = tessera::SocketTuningFromFlags();
   if (!tuning.ok()) return Fail(std::string(tuning.status().message()));
   options.socket_tuning = *tuning;
+  options.allow_shared_memory = tessera::SharedMemoryFromFlags();
   options.advertised_address = absl::GetFlag(FLAGS_advertise);
   if (options.advertised_address.empty()) {
     // A specific listening address names itself; a wildcard one goes by the

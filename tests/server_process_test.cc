@@ -11,6 +11,7 @@
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
+#include "common/shared_region.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
 #include "proto/tessera.grpc.pb.h"
@@ -99,7 +100,9 @@ class ServerProcessTest : public ::testing::Test {
 // One open Session stream.
 class Session {
  public:
-  Session(tessera::v1::ParameterService::Stub* stub, uint64_t job_hash, int64_t incarnation) {
+  // With `region`, the Hello offers it (the nonce may be overridden).
+  Session(tessera::v1::ParameterService::Stub* stub, uint64_t job_hash, int64_t incarnation,
+          const SharedRegion* region = nullptr, const std::string* nonce = nullptr) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     stream_ = stub->Session(&ctx_);
     ClientMessage hello;
@@ -107,8 +110,15 @@ class Session {
     hello.mutable_hello()->set_incarnation(incarnation);
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
+    if (region != nullptr) {
+      hello.mutable_hello()->set_shm_name(region->name());
+      hello.mutable_hello()->set_shm_size(region->size());
+      hello.mutable_hello()->set_shm_nonce(nonce != nullptr ? *nonce
+                                                             : std::string(region->nonce()));
+    }
     hello_ok_ = Send(hello, &hello_reply_);
   }
+  const ServerMessage& hello_reply() const { return hello_reply_; }
   ~Session() {
     if (!finished_) Finish().ok();
   }
@@ -206,6 +216,81 @@ TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
   EXPECT_EQ(reply.code(), 0) << reply.message();
   EXPECT_TRUE(reply.push().applied());
   EXPECT_NEAR((before - Stats().param_sum()) / 260.0, 1.0, 1e-4);
+}
+
+// The same-host path: payloads through the worker's shared-memory region
+// give the same results as payloads on the stream, and bad references to
+// the region are refused like any bad block.
+TEST_F(ServerProcessTest, SharedMemoryPayloadsMatchTheStreamAndBadRangesAreRefused) {
+  const uint64_t bytes = partition_->shard_bytes(0);
+  absl::StatusOr<std::unique_ptr<SharedRegion>> region = SharedRegion::Create(bytes, bytes);
+  ASSERT_TRUE(region.ok()) << region.status();
+  const double before = Stats().param_sum();
+
+  Session shm(stub_.get(), JobHash(job_), 1, region->get());
+  ASSERT_TRUE(shm.hello_ok());
+  ASSERT_TRUE(shm.hello_reply().shm_accepted()) << shm.hello_reply().shm_detail();
+  (*region)->Unlink();
+
+  // A push whose payloads sit in the region applies exactly once.
+  ClientMessage push = Push(0, 1.0f);
+  std::vector<std::string> parked;
+  OffloadBlocks(push.mutable_push()->mutable_blocks(), (*region)->request_area(), &parked);
+  ASSERT_GT(push.push().blocks(0).shm_size(), 0u);
+  ServerMessage reply;
+  ASSERT_TRUE(shm.Send(push, &reply));
+  ASSERT_EQ(reply.code(), 0) << reply.message();
+  EXPECT_TRUE(reply.push().applied());
+  EXPECT_NEAR((before - Stats().param_sum()) / 260.0, 1.0, 1e-4);
+
+  // A pull answers through the region with the bytes a plain stream gets.
+  ClientMessage pull;
+  pull.mutable_pull()->set_step(0);
+  ServerMessage via_shm, via_stream;
+  ASSERT_TRUE(shm.Send(pull, &via_shm));
+  ASSERT_EQ(via_shm.code(), 0) << via_shm.message();
+  Session plain(stub_.get(), JobHash(job_), 2);
+  ASSERT_TRUE(plain.hello_ok());
+  EXPECT_FALSE(plain.hello_reply().shm_accepted());
+  ASSERT_TRUE(plain.Send(pull, &via_stream));
+  ASSERT_EQ(via_shm.pull().blocks_size(), via_stream.pull().blocks_size());
+  for (int i = 0; i < via_shm.pull().blocks_size(); ++i) {
+    const tessera::v1::TensorBlock& b = via_shm.pull().blocks(i);
+    EXPECT_GT(b.shm_size(), 0u);
+    EXPECT_TRUE(b.data().empty());
+    absl::StatusOr<absl::string_view> payload = BlockPayload(b, (*region)->reply_area());
+    ASSERT_TRUE(payload.ok()) << payload.status();
+    EXPECT_EQ(*payload, via_stream.pull().blocks(i).data()) << "block " << i;
+  }
+
+  // A range outside the region changes nothing and is counted.
+  const double applied_sum = Stats().param_sum();
+  const int64_t rejected = Stats().requests_rejected();
+  ClientMessage outside = Push(1, 1.0f);
+  OffloadBlocks(outside.mutable_push()->mutable_blocks(), (*region)->request_area(), &parked);
+  outside.mutable_push()->mutable_blocks(0)->set_shm_offset((*region)->request_area().size());
+  ASSERT_TRUE(shm.Send(outside, &reply));
+  EXPECT_EQ(reply.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_NE(reply.message().find("leaves the"), std::string::npos) << reply.message();
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), applied_sum);
+  EXPECT_EQ(Stats().requests_rejected(), rejected + 1);
+
+  // A Hello whose nonce does not match the region is declined (payloads
+  // stay on the stream), and a region reference on that stream is refused.
+  absl::StatusOr<std::unique_ptr<SharedRegion>> other = SharedRegion::Create(bytes, bytes);
+  ASSERT_TRUE(other.ok()) << other.status();
+  const std::string wrong(16, 'x');
+  Session forged(stub_.get(), JobHash(job_), 3, other->get(), &wrong);
+  ASSERT_TRUE(forged.hello_ok());
+  EXPECT_FALSE(forged.hello_reply().shm_accepted());
+  EXPECT_NE(forged.hello_reply().shm_detail().find("header does not match"), std::string::npos)
+      << forged.hello_reply().shm_detail();
+  ClientMessage reference = Push(1, 1.0f);
+  OffloadBlocks(reference.mutable_push()->mutable_blocks(), (*other)->request_area(), &parked);
+  ASSERT_TRUE(forged.Send(reference, &reply));
+  EXPECT_EQ(reply.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_NE(reply.message().find("this stream has none"), std::string::npos) << reply.message();
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), applied_sum);
 }
 
 TEST_F(ServerProcessTest, WrongJobHashIsRefused) {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_status.h"
+#include "common/shared_region.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 #include "proto/tessera.grpc.pb.h"
@@ -254,9 +255,45 @@ class ShardStream {
     h->set_incarnation(options_.incarnation);
     h->set_job_hash(options_.job_hash);
     h->set_shard(shard_);
+    // Every stream gets a region of its own: after a reconnect the old
+    // server session may still hold the previous one.
+    std::unique_ptr<SharedRegion> offered;
+    if (options_.shared_memory && IsLocalTarget(address_)) {
+      const uint64_t bytes = partition_.shard_bytes(shard_);
+      absl::StatusOr<std::unique_ptr<SharedRegion>> r = SharedRegion::Create(bytes, bytes);
+      if (r.ok()) {
+        offered = *std::move(r);
+        h->set_shm_name(offered->name());
+        h->set_shm_size(offered->size());
+        h->set_shm_nonce(std::string(offered->nonce()));
+      } else {
+        NoteSharedMemory(false, r.status().message());
+      }
+    }
     TESSERA_RETURN_IF_ERROR(Exchange(&hello));
     worker_clock_ = reply_.worker_clock();
+    if (offered != nullptr) {
+      if (reply_.shm_accepted()) {
+        offered->Unlink();  // mapped on both sides; nothing to leave behind
+        region_ = std::move(offered);
+      }
+      NoteSharedMemory(reply_.shm_accepted(), reply_.shm_detail());
+    }
     return absl::OkStatus();
+  }
+
+  // One line when the path changes (first session, or a new server that
+  // decides otherwise), not one per reconnect.
+  void NoteSharedMemory(bool used, absl::string_view detail) {
+    const int state = used ? 1 : 2;
+    if (state == shm_state_) return;
+    shm_state_ = state;
+    if (used) {
+      std::cerr << "tessera-worker: " << Where() << ": payloads through shared memory" << std::endl;
+    } else {
+      std::cerr << "tessera-worker: " << Where() << ": no shared memory (" << detail
+                << "); payloads go on the stream" << std::endl;
+    }
   }
 
   void Close() {
@@ -265,12 +302,20 @@ class ShardStream {
       stream_->Finish().ok();  // the outcome no longer matters
       stream_.reset();
     }
+    region_.reset();
   }
 
   absl::Status Exchange(ClientMessage* request) {
     request->set_request_id(next_id_++);
     watchdog_.Arm(context_.get(), absl::Now() + options_.request_timeout);
-    const bool ok = stream_->Write(*request) && stream_->Read(&reply_);
+    // A push's payloads go into the region for the write only: the message
+    // keeps them, so a retry on a new stream (new region) can resend.
+    const bool offload = region_ != nullptr && request->has_push();
+    auto* blocks = offload ? request->mutable_push()->mutable_blocks() : nullptr;
+    if (offload) OffloadBlocks(blocks, region_->request_area(), &parked_);
+    bool ok = stream_->Write(*request);
+    if (offload) RestoreBlocks(blocks, &parked_);
+    ok = ok && stream_->Read(&reply_);
     const bool overdue = watchdog_.Disarm();
     if (!ok) {
       absl::Status s = FromGrpcStatus(stream_->Finish());
@@ -305,9 +350,12 @@ class ShardStream {
             absl::StrCat(Where(), ": sent block ", tb.block_id(), " it does not own"));
       }
       const BlockInfo& b = partition_.blocks()[tb.block_id()];
-      payload_bytes_ += static_cast<int64_t>(tb.data().size());
+      absl::StatusOr<absl::string_view> payload = BlockPayload(
+          tb, region_ != nullptr ? region_->reply_area() : absl::Span<const char>());
+      if (!payload.ok()) return Annotate(absl::DataLossError(payload.status().message()), Where());
+      payload_bytes_ += static_cast<int64_t>(payload->size());
       TESSERA_RETURN_IF_ERROR(Annotate(
-          DecodeF32(tb.dtype(), tb.data(), params.subspan(b.flat_offset, b.num_elements)),
+          DecodeF32(tb.dtype(), *payload, params.subspan(b.flat_offset, b.num_elements)),
           absl::StrCat(Where(), " block ", b.id)));
     }
     *version = version_ = pull.version();
@@ -328,6 +376,10 @@ class ShardStream {
   std::vector<std::vector<float>> residual_;
   std::vector<uint32_t> topk_scratch_;
   RequestWatchdog watchdog_;
+  // Same-host shared memory of the current stream (null: payloads inline).
+  std::unique_ptr<SharedRegion> region_;
+  std::vector<std::string> parked_;
+  int shm_state_ = 0;  // last reported: 0 none, 1 used, 2 not used
   uint64_t next_id_ = 1;
   int64_t version_ = 0;  // of the parameters last received
   int64_t worker_clock_ = 0;

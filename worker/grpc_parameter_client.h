@@ -44,6 +44,10 @@ struct GrpcClientOptions {
   absl::Duration request_timeout = absl::Seconds(65);
   // TCP options of the streams' connections (retransmission-timeout floor).
   SocketTuning socket_tuning;
+  // Offer each same-host server (loopback or Unix-socket address) a
+  // shared-memory region for payloads (common/shared_region.h); a server
+  // that cannot use it declines and payloads stay on the stream.
+  bool shared_memory = true;
 };
 
 // Opens a stream to every shard and says Hello on each. Shards are served in

@@ -226,6 +226,7 @@ int main(int argc, char** argv) {
   client_options.job_hash = job_hash;
   client_options.credentials = *credentials;
   client_options.socket_tuning = *socket_tuning;
+  client_options.shared_memory = tessera::SharedMemoryFromFlags();
   client_options.wire_dtype = job->wire_dtype();
   client_options.top_k_fraction = job->top_k_fraction();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
