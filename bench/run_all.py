@@ -10,6 +10,8 @@ Stages, run one after another (never two at once):
              beside a no-op gRPC server, memcpy and protobuf's CPU costs
   transport_unix  the same loops over a Unix-domain socket (same-host
              processes could use one), beside the TCP figures
+  transport_shm   the same loops with payloads through the same-host
+             shared-memory region (what workers on the servers' host use)
   apply      build/bin/apply_bench: Optimizer::Apply over 64 MiB beside memcpy
   e2e        bench/fmnist_vs_ddp.py: Fashion-MNIST, Tessera (2 servers,
              2 workers, sync) vs PyTorch DDP (gloo, 2 x 1 thread), 3 epochs
@@ -49,7 +51,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 FMNIST_JOB = os.path.join(REPO_ROOT, "examples", "fashion_mnist_mlp.textproto")
-STAGES = ("iperf3", "transport", "transport_unix", "apply", "e2e", "scaling", "scaling_caps",
+STAGES = ("iperf3", "transport", "transport_unix", "transport_shm", "apply", "e2e", "scaling", "scaling_caps",
           "profile")
 SIZES_MIB = (1, 16, 64)
 
@@ -771,29 +773,45 @@ def write_report(results, path, plots):
                            "cores busy"],
                           ph_rows))
         L.append("")
-        tu = results.get("transport_unix")
-        if tu:
-            by_size = {s["size_mib"]: s for s in tu["sizes"]}
+        tu, ts = results.get("transport_unix"), results.get("transport_shm")
+        if tu or ts:
+            def by_size(doc):
+                return {s["size_mib"]: s for s in doc["sizes"]} if doc else {}
+            unix_sizes, shm_sizes = by_size(tu), by_size(ts)
             u_rows = []
             for s in t["sizes"]:
-                us = by_size.get(s["size_mib"])
-                if not us:
-                    continue
                 for d in ("push", "pull"):
-                    tcp_t = s.get("tessera", {}).get(d, {}).get("gbps_median")
-                    uds_t = us.get("tessera", {}).get(d, {}).get("gbps_median")
-                    tcp_n = s.get("noop_grpc", {}).get(d, {}).get("gbps_median")
-                    uds_n = us.get("noop_grpc", {}).get(d, {}).get("gbps_median")
-                    ratio = uds_t / tcp_t if tcp_t and uds_t else None
-                    u_rows.append([f"{s['size_mib']} MiB", d, fmt(tcp_t), fmt(uds_t), fmt(ratio),
-                                   fmt(tcp_n), fmt(uds_n)])
-            L.append("Unix-domain socket against TCP on 127.0.0.1 (`transport_bench "
-                     "--transport=unix`, the same loops right after the TCP ones; processes on "
-                     "one host could use one with `--listen=unix:PATH` and `unix:PATH` "
-                     "addresses). Tessera keeps TCP for local clusters unless this column "
-                     "shows a clear gain:\n")
+                    def gbps(doc, target="tessera"):
+                        return (doc or {}).get(target, {}).get(d, {}).get("gbps_median")
+                    tcp_t = gbps(s)
+                    uds_t = gbps(unix_sizes.get(s["size_mib"]))
+                    shm_t = gbps(shm_sizes.get(s["size_mib"]))
+                    anchor = ANCHORS[f"pslite_{d}_gbps"][s["size_mib"]]
+                    shm_pass = (shm_t is not None and shm_t >= anchor and iperf_ref is not None
+                                and shm_t >= 0.85 * iperf_ref)
+                    u_rows.append([f"{s['size_mib']} MiB", d, fmt(tcp_t), fmt(uds_t),
+                                   fmt(gbps(unix_sizes.get(s["size_mib"]), "noop_grpc")),
+                                   fmt(shm_t), fmt(shm_t / anchor if shm_t else None),
+                                   fmt(shm_t / iperf_ref if shm_t and iperf_ref else None),
+                                   pass_word(shm_pass) if shm_t else "-"])
+                    if shm_t:
+                        summary_lines.append([f"{d} {s['size_mib']} MiB same host (shm)",
+                                              f"{fmt(shm_t)} GB/s",
+                                              f"{fmt(shm_t / anchor)}x ps-lite, "
+                                              f"{fmt(shm_t / iperf_ref if iperf_ref else None)}x iperf3",
+                                              "pass" if shm_pass else "FAIL"])
+            L.append("### Same-host transports\n")
+            L.append("The same loops, right after the TCP ones: over a Unix-domain socket "
+                     "(`transport_bench --transport=unix`; `--listen=unix:PATH` and `unix:PATH` "
+                     "addresses) and with the payloads through the same-host shared-memory "
+                     "region (`--transport=shm`: TCP carries the messages, the tensor bytes go "
+                     "through the region, as for every worker whose server is on its own host). "
+                     "The acceptance column applies the transport criteria to the shared-memory "
+                     "figures; it says nothing about other hosts, where the TCP table above "
+                     "holds:\n")
             L.append(md_table(["size", "op", "Tessera TCP GB/s", "Tessera UDS GB/s",
-                               "UDS / TCP", "no-op TCP GB/s", "no-op UDS GB/s"], u_rows))
+                               "no-op gRPC UDS GB/s", "Tessera shared memory GB/s",
+                               "shm x ps-lite", "shm x iperf3", "shm acceptance"], u_rows))
             L.append("")
         for r in rows:
             for d in ("push", "pull"):
@@ -872,7 +890,7 @@ def write_report(results, path, plots):
                   fmt(r["ratio_to_1_worker"]), r["payload_bytes_per_step"]]
                  for r in caps["runs"]]
         L.append(md_table(["cap per worker link", "wire dtype", "workers", "samples/s",
-                           "x 1 worker (same cap)", "bytes pushed per worker step"], crows))
+                           "x 1 worker (same cap)", "payload bytes per worker step (push + pull)"], crows))
         L.append("")
         L.append(f"`bench/scaling_netns.sh`: sync Fashion-MNIST, {caps['max_steps']} steps per "
                  "run, 2 servers and each worker in network namespaces of their own on one "
@@ -958,7 +976,7 @@ def write_report(results, path, plots):
             L.append(f"![{os.path.basename(p)}]({os.path.basename(p)})\n")
     L.append("## Files\n")
     L.append("`results.json` (everything above, machine-readable), `transport.json`, "
-             "`transport_unix.json`, `scaling_caps.json`, "
+             "`transport_unix.json`, `transport_shm.json`, `scaling_caps.json`, "
              "`apply.json`, `fmnist_vs_ddp.json` (the stages' own output), "
              + ", ".join(f"`{os.path.basename(p)}`" for p in plots) + ".\n")
     if os.path.exists(os.path.join(os.path.dirname(path), "analysis.md")):
@@ -1063,7 +1081,8 @@ def main():
     if args.only and os.path.exists(previous):
         with open(previous) as f:
             old = json.load(f)
-        for key in ("iperf3", "iperf3_reference_gbps", "transport", "transport_unix", "apply",
+        for key in ("iperf3", "iperf3_reference_gbps", "transport", "transport_unix",
+                    "transport_shm", "apply",
                     "e2e", "scaling", "scaling_caps", "profile"):
             if key in old:
                 results[key] = old[key]
@@ -1098,11 +1117,14 @@ def main():
         r["when"] = "after transport"
         results["iperf3"].append(r)
         log(f"  iperf3: {r['gbps_received']:.2f} GB/s")
-    if "transport_unix" in stages:
-        out = os.path.join(args.results_dir, "transport_unix.json")
-        results["transport_unix"] = stage("transport_unix", lambda: run_binary(
+    for kind in ("unix", "shm"):
+        name = f"transport_{kind}"
+        if name not in stages:
+            continue
+        out = os.path.join(args.results_dir, f"{name}.json")
+        results[name] = stage(name, lambda: run_binary(
             [os.path.join(args.build_dir, "bin", "transport_bench"),
-             f"--bin_dir={os.path.join(args.build_dir, 'bin')}", "--transport=unix",
+             f"--bin_dir={os.path.join(args.build_dir, 'bin')}", f"--transport={kind}",
              "--floors=false", "--sizes_mib=" + ",".join(map(str, SIZES_MIB)),
              f"--rounds={args.transport_rounds}", f"--round_mib={args.transport_round_mib}",
              f"--out={out}"], out))

@@ -66,7 +66,7 @@ run_one() {  # rate workers wire_dtype
   if [ -n "$sps" ] && [ "$rcs" = "$(printf '0%.0s ' $(seq "$w") | sed 's/ $//')" ]; then
     [ "$w" = 1 ] && base[$key]=$sps
     [ -n "${base[$key]:-}" ] && ratio=$(pyval "round($sps / ${base[$key]}, 3)")
-    printf '%-8s %-4s workers %d: %9.0f samples/s  x1 worker %-6s  %s bytes pushed per step\n' \
+    printf '%-8s %-4s workers %d: %9.0f samples/s  x1 worker %-6s  %s payload bytes per worker step (push + pull)\n' \
       "$rate" "$dtype" "$w" "$sps" "$ratio" "$bytes"
   else
     echo "$rate $dtype workers $w: FAILED (worker exits: $rcs)"
