@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -157,7 +158,15 @@ void SharedRegion::Unlink() {
 void OffloadBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,
                    absl::Span<char> area, std::vector<std::string>* parked) {
   if (parked->size() < static_cast<size_t>(blocks->size())) parked->resize(blocks->size());
+  // Start after payloads the sender already wrote into the area itself.
   uint64_t offset = 0;
+  for (const tessera::v1::TensorBlock& b : *blocks) {
+    if (b.shm_size() > 0 && b.shm_offset() <= area.size() &&
+        b.shm_size() <= area.size() - b.shm_offset()) {
+      offset = std::max<uint64_t>(offset, (b.shm_offset() + b.shm_size() + 63) / 64 * 64);
+    }
+  }
+  offset = std::min<uint64_t>(offset, area.size());
   for (int i = 0; i < blocks->size(); ++i) {
     tessera::v1::TensorBlock* b = blocks->Mutable(i);
     const std::string& data = b->data();
@@ -176,9 +185,12 @@ void OffloadBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>*
 void RestoreBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,
                    std::vector<std::string>* parked) {
   for (int i = 0; i < blocks->size() && i < static_cast<int>(parked->size()); ++i) {
+    // Only what OffloadBlocks moved: blocks the sender wrote into the area
+    // itself keep their range.
+    if ((*parked)[i].empty()) continue;
     tessera::v1::TensorBlock* b = blocks->Mutable(i);
-    if (b->shm_size() == 0) continue;
     b->mutable_data()->swap((*parked)[i]);
+    (*parked)[i].clear();
     b->clear_shm_offset();
     b->clear_shm_size();
   }

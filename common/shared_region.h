@@ -87,11 +87,24 @@ class SharedRegion {
   std::string nonce_;
 };
 
+// Room one area needs for `blocks` payloads of `payload_bytes` in all,
+// each starting on a 64-byte boundary; and the size of a region with two
+// such areas (what a server accepts at most).
+inline uint64_t SharedAreaBytes(uint64_t payload_bytes, uint64_t blocks) {
+  return payload_bytes + 64 * blocks;
+}
+inline uint64_t SharedRegionBytes(uint64_t payload_bytes, uint64_t blocks) {
+  return SharedRegion::kHeaderBytes + 2 * ((SharedAreaBytes(payload_bytes, blocks) + 4095) / 4096 * 4096);
+}
+
 // Copies each block's `data` into `area`, back to back in order while it
 // fits, sets the block's shm_offset/shm_size and parks the (now unsent)
 // bytes in `parked`, so that the message carries no payload on the wire.
-// Blocks that do not fit stay inline. RestoreBlocks puts the bytes back
-// (the message's buffers keep their capacity from one use to the next).
+// Blocks that do not fit stay inline, and blocks whose bytes the sender
+// already wrote into the area (shm_size set, no data) keep their range:
+// offloaded payloads go after them. RestoreBlocks puts back exactly the
+// bytes OffloadBlocks moved (the message's buffers keep their capacity from
+// one use to the next).
 void OffloadBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,
                    absl::Span<char> area, std::vector<std::string>* parked);
 void RestoreBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,

@@ -119,6 +119,36 @@ TEST(SharedRegionTest, OffloadMovesPayloadsOutAndRestorePutsThemBack) {
   EXPECT_EQ(push.SerializeAsString(), original.SerializeAsString());
 }
 
+// A sender that wrote some payloads into the area itself (as workers do for
+// dense gradients) and left others inline: offloading must not overwrite
+// the first, and restoring must leave their ranges alone.
+TEST(SharedRegionTest, OffloadKeepsRangesTheSenderWroteItself) {
+  std::unique_ptr<SharedRegion> mine = MustCreate(16384, 4096);
+  ASSERT_NE(mine, nullptr);
+  PushRequest push = ThreeBlocks();
+  const PushRequest original = push;
+  std::memcpy(mine->request_area().data() + 128, original.blocks(1).data().data(), 3001);
+  push.mutable_blocks(1)->clear_data();
+  push.mutable_blocks(1)->set_shm_offset(128);
+  push.mutable_blocks(1)->set_shm_size(3001);
+  std::vector<std::string> parked;
+  OffloadBlocks(push.mutable_blocks(), mine->request_area(), &parked);
+  EXPECT_GE(push.blocks(0).shm_offset(), 128u + 3001u);
+  EXPECT_GE(push.blocks(2).shm_offset(), push.blocks(0).shm_offset() + 3000u);
+  EXPECT_EQ(push.blocks(1).shm_offset(), 128u);
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<absl::string_view> p = BlockPayload(push.blocks(i), mine->request_area());
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(*p, original.blocks(i).data()) << i;
+  }
+  RestoreBlocks(push.mutable_blocks(), &parked);
+  EXPECT_EQ(push.blocks(0).data(), original.blocks(0).data());
+  EXPECT_EQ(push.blocks(0).shm_size(), 0u);
+  EXPECT_EQ(push.blocks(1).shm_offset(), 128u);
+  EXPECT_EQ(push.blocks(1).shm_size(), 3001u);
+  EXPECT_TRUE(push.blocks(1).data().empty());
+}
+
 TEST(SharedRegionTest, BadRangesAreRefusedAndChangeNothing) {
   std::unique_ptr<SharedRegion> mine = MustCreate(4096, 4096);
   ASSERT_NE(mine, nullptr);

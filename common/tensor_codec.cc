@@ -59,12 +59,27 @@ uint16_t BF16At(absl::string_view bytes, int64_t i) {
 
 }  // namespace
 
-void EncodeBF16(absl::Span<const float> values, std::string* out) {
-  out->resize(values.size() * 2);
-  char* p = out->data();
+namespace {
+
+void EncodeBF16Into(absl::Span<const float> values, char* p) {
   for (size_t i = 0; i < values.size(); ++i) {
     const uint16_t h = ToBF16(values[i]);
     std::memcpy(p + 2 * i, &h, 2);
+  }
+}
+
+}  // namespace
+
+void EncodeBF16(absl::Span<const float> values, std::string* out) {
+  out->resize(values.size() * 2);
+  EncodeBF16Into(values, out->data());
+}
+
+void EncodeTo(tessera::v1::DType dtype, absl::Span<const float> values, absl::Span<char> out) {
+  if (dtype == tessera::v1::BF16) {
+    EncodeBF16Into(values, out.data());
+  } else if (!values.empty()) {
+    std::memcpy(out.data(), values.data(), values.size() * sizeof(float));
   }
 }
 
@@ -96,7 +111,7 @@ absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
   return absl::OkStatus();
 }
 
-void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* acc, int64_t n) {
+void AccumulateInto(tessera::v1::DType dtype, absl::string_view bytes, float* acc, int64_t n) {
   if (dtype == tessera::v1::BF16) {
     for (int64_t i = 0; i < n; ++i) acc[i] += FromBF16(BF16At(bytes, i));
     return;
@@ -109,7 +124,7 @@ void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* a
   }
 }
 
-bool PayloadFinite(tessera::v1::DType dtype, const std::string& bytes, int64_t n) {
+bool PayloadFinite(tessera::v1::DType dtype, absl::string_view bytes, int64_t n) {
   return PayloadFinite(dtype, bytes.data(), n);
 }
 
@@ -135,7 +150,7 @@ bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n) {
   return any == 0;
 }
 
-bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& bytes, int64_t n) {
+bool PayloadWithinGradientLimit(tessera::v1::DType dtype, absl::string_view bytes, int64_t n) {
   // Biased exponent 127 + 101: the smallest magnitude refused is 2^101.
   const char* data = bytes.data();
   if (dtype == tessera::v1::BF16) {
@@ -163,13 +178,13 @@ bool AllFinite(absl::Span<const float> values) {
 
 namespace {
 
-uint32_t IndexAt(const std::string& indices, int64_t i) {
+uint32_t IndexAt(absl::string_view indices, int64_t i) {
   uint32_t v;
   std::memcpy(&v, indices.data() + 4 * i, 4);
   return v;
 }
 
-float ValueAt(tessera::v1::DType dtype, const std::string& data, int64_t i) {
+float ValueAt(tessera::v1::DType dtype, absl::string_view data, int64_t i) {
   if (dtype == tessera::v1::BF16) return FromBF16(BF16At(data, i));
   float v;
   std::memcpy(&v, data.data() + 4 * i, 4);
@@ -214,8 +229,8 @@ void EncodeTopK(tessera::v1::DType dtype, absl::Span<const float> grad, int64_t 
   }
 }
 
-absl::Status ValidateSparse(tessera::v1::DType dtype, const std::string& indices,
-                            const std::string& data, int64_t n) {
+absl::Status ValidateSparse(tessera::v1::DType dtype, absl::string_view indices,
+                            absl::string_view data, int64_t n) {
   const int width = DTypeSize(dtype);
   if (width == 0) return absl::InvalidArgumentError("sparse payload: unsupported dtype");
   if (indices.size() % 4 != 0) {
@@ -249,8 +264,8 @@ absl::Status ValidateSparse(tessera::v1::DType dtype, const std::string& indices
   return absl::OkStatus();
 }
 
-void ScatterAddInto(tessera::v1::DType dtype, const std::string& indices,
-                    const std::string& data, float* acc) {
+void ScatterAddInto(tessera::v1::DType dtype, absl::string_view indices,
+                    absl::string_view data, float* acc) {
   const int64_t count = static_cast<int64_t>(indices.size() / 4);
   for (int64_t j = 0; j < count; ++j) acc[IndexAt(indices, j)] += ValueAt(dtype, data, j);
 }

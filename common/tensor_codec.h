@@ -27,6 +27,10 @@ void EncodeBF16(absl::Span<const float> values, std::string* out);
 // Writes `values` in `dtype` (F32 or BF16) into `out`.
 void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::string* out);
 
+// The same into memory the caller owns, which must hold exactly
+// values.size() * DTypeSize(dtype) bytes.
+void EncodeTo(tessera::v1::DType dtype, absl::Span<const float> values, absl::Span<char> out);
+
 // Decodes a payload of `dtype` (F32 or BF16) holding exactly out.size()
 // elements into `out`. kInvalidArgument when the dtype is unsupported or
 // the byte length does not match; `out` is untouched then.
@@ -34,17 +38,17 @@ absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
                        absl::Span<float> out);
 
 // Adds the `n` elements of an F32 or BF16 payload to `acc`.
-void AccumulateInto(tessera::v1::DType dtype, const std::string& bytes, float* acc, int64_t n);
+void AccumulateInto(tessera::v1::DType dtype, absl::string_view bytes, float* acc, int64_t n);
 
 // True when every element of an F32 or BF16 payload of `n` elements is
 // finite.
-bool PayloadFinite(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
+bool PayloadFinite(tessera::v1::DType dtype, absl::string_view bytes, int64_t n);
 bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n);
 
 // True when every element is finite and below 2^101 in magnitude: the
 // bound the servers put on gradients, so that sums over any number of
 // workers and learning-rate-scaled updates cannot overflow F32.
-bool PayloadWithinGradientLimit(tessera::v1::DType dtype, const std::string& bytes, int64_t n);
+bool PayloadWithinGradientLimit(tessera::v1::DType dtype, absl::string_view bytes, int64_t n);
 
 // Returns true when every value is finite (no NaN, no +-Inf).
 bool AllFinite(absl::Span<const float> values);
@@ -67,12 +71,12 @@ void EncodeTopK(tessera::v1::DType dtype, absl::Span<const float> grad, int64_t 
 // Checks a sparse payload against a block of `n` elements: whole uint32
 // indices, strictly increasing, below n; one `dtype` value per index.
 // kInvalidArgument naming the problem otherwise.
-absl::Status ValidateSparse(tessera::v1::DType dtype, const std::string& indices,
-                            const std::string& data, int64_t n);
+absl::Status ValidateSparse(tessera::v1::DType dtype, absl::string_view indices,
+                            absl::string_view data, int64_t n);
 
 // Adds a validated sparse payload into `acc` (acc[index] += value).
-void ScatterAddInto(tessera::v1::DType dtype, const std::string& indices,
-                    const std::string& data, float* acc);
+void ScatterAddInto(tessera::v1::DType dtype, absl::string_view indices,
+                    absl::string_view data, float* acc);
 
 }  // namespace tessera
 

@@ -21,10 +21,29 @@ void SetError(const absl::Status& status, ServerMessage* reply) {
   reply->set_message(std::string(status.message()));
 }
 
+double PayloadBytes(absl::Span<const absl::string_view> payloads) {
+  double bytes = 0;
+  for (absl::string_view p : payloads) bytes += p.size();
+  return bytes;
+}
+
 double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>& blocks) {
   double bytes = 0;
-  for (const tessera::v1::TensorBlock& b : blocks) bytes += b.data().size();
+  for (const tessera::v1::TensorBlock& b : blocks) bytes += b.data().size() + b.shm_size();
   return bytes;
+}
+
+// Each block's payload, inline or in the stream's shared-memory region, in
+// block order; kInvalidArgument naming the first bad one.
+absl::Status ResolvePayloads(const tessera::v1::PushRequest& push, absl::Span<const char> area,
+                             std::vector<absl::string_view>* out) {
+  out->clear();
+  for (const tessera::v1::TensorBlock& b : push.blocks()) {
+    absl::StatusOr<absl::string_view> p = BlockPayload(b, area);
+    if (!p.ok()) return p.status();
+    out->push_back(*p);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -98,8 +117,9 @@ grpc::Status ParameterServiceImpl::Session(
   std::string shm_detail;
   if (!hello.shm_name().empty()) {
     // Room for a dense F32 push and pull of this shard, as the worker sizes it.
-    const uint64_t shard_bytes = store_->partition().shard_bytes(store_->shard());
-    const uint64_t max_bytes = SharedRegion::kHeaderBytes + 2 * (shard_bytes + 4096);
+    const uint64_t max_bytes =
+        SharedRegionBytes(store_->partition().shard_bytes(store_->shard()),
+                          store_->partition().shard_blocks(store_->shard()).size());
     if (!allow_shared_memory_) {
       shm_detail = "shared memory is off on this server (--noshared_memory)";
     } else if (!IsLocalPeer(context->peer())) {
@@ -116,7 +136,9 @@ grpc::Status ParameterServiceImpl::Session(
   }
   const absl::Span<const char> request_area =
       region != nullptr ? region->request_area() : absl::Span<const char>();
-  std::vector<std::string> parked;  // reply payloads while they sit in the region
+  const absl::Span<char> reply_area =
+      region != nullptr ? region->reply_area() : absl::Span<char>();
+  std::vector<absl::string_view> payloads;  // of the push being handled
 
   // Messages are reused for the life of the stream so that their byte
   // buffers keep their capacity from one step to the next.
@@ -134,21 +156,20 @@ grpc::Status ParameterServiceImpl::Session(
     reply.set_code(0);
     reply.clear_message();
     reply.clear_push();
-    // Payloads a push left in the region join their blocks before anything
-    // else looks at them; a bad range is refused like any bad block.
-    const absl::Status payloads =
-        request.has_push()
-            ? MaterializeBlocks(request.mutable_push()->mutable_blocks(), request_area)
-            : absl::OkStatus();
-    switch (payloads.ok() ? KindOf(request) : RequestKind::kNone) {
+    // A push's payloads are read where they lie (inline or in the region,
+    // without a copy); a bad range is refused like any bad block.
+    const absl::Status resolved = request.has_push()
+                                      ? ResolvePayloads(request.push(), request_area, &payloads)
+                                      : absl::OkStatus();
+    switch (resolved.ok() ? KindOf(request) : RequestKind::kNone) {
       case RequestKind::kPush: {
         const absl::Time start = absl::Now();
         absl::StatusOr<PushOutcome> outcome =
-            store_->Push(worker, incarnation, request.push());
+            store_->Push(worker, incarnation, request.push(), payloads);
         if (metrics_ != nullptr) {
           metrics_->Push(!outcome.ok() ? "rejected" : outcome->applied ? "applied" : "duplicate",
                          absl::ToDoubleSeconds(absl::Now() - start),
-                         PayloadBytes(request.push().blocks()),
+                         PayloadBytes(payloads),
                          outcome.ok() ? outcome->staleness : 0);
         }
         if (!outcome.ok()) {
@@ -165,14 +186,14 @@ grpc::Status ParameterServiceImpl::Session(
         reply.mutable_push()->set_applied(outcome->applied);
         reply.mutable_push()->set_detail(outcome->detail);
         if (request.push().return_parameters()) {
-          Pull(request.push().step() + 1, &reply);
+          Pull(request.push().step() + 1, reply_area, &reply);
         } else {
           reply.clear_pull();
         }
         break;
       }
       case RequestKind::kPull:
-        Pull(request.pull().step(), &reply);
+        Pull(request.pull().step(), reply_area, &reply);
         break;
       case RequestKind::kSeveral:
         store_->CountRejected();
@@ -185,15 +206,12 @@ grpc::Status ParameterServiceImpl::Session(
       case RequestKind::kHello:
         store_->CountRejected();
         reply.clear_pull();
-        SetError(payloads.ok() ? absl::InvalidArgumentError(
+        SetError(resolved.ok() ? absl::InvalidArgumentError(
                                      "expected a push or a pull after the Hello")
-                               : payloads,
+                               : resolved,
                  &reply);
     }
-    const bool offload = region != nullptr && reply.has_pull();
-    if (offload) OffloadBlocks(reply.mutable_pull()->mutable_blocks(), region->reply_area(), &parked);
     ok = stream->Write(reply);
-    if (offload) RestoreBlocks(reply.mutable_pull()->mutable_blocks(), &parked);
   }
   store_->Disconnect(worker, incarnation);
   if (context->IsCancelled()) {
@@ -202,9 +220,9 @@ grpc::Status ParameterServiceImpl::Session(
   return grpc::Status::OK;
 }
 
-void ParameterServiceImpl::Pull(int64_t step, ServerMessage* reply) {
+void ParameterServiceImpl::Pull(int64_t step, absl::Span<char> area, ServerMessage* reply) {
   const absl::Time start = absl::Now();
-  absl::Status pulled = store_->Pull(step, pull_timeout_, reply->mutable_pull());
+  absl::Status pulled = store_->Pull(step, pull_timeout_, reply->mutable_pull(), area);
   if (!pulled.ok()) {
     SetError(pulled, reply);
     return;

@@ -53,7 +53,9 @@ class ParameterServiceImpl final
 
  private:
   // Answers a pull for `step` into `reply` (an error code on failure).
-  void Pull(int64_t step, tessera::v1::ServerMessage* reply);
+  // Payloads go into `area` (the stream's shared-memory reply area) when
+  // it is not empty.
+  void Pull(int64_t step, absl::Span<char> area, tessera::v1::ServerMessage* reply);
 
   const int max_sessions_;
   std::atomic<int> sessions_{0};

@@ -15,10 +15,16 @@ namespace {
 
 using tessera::v1::PushRequest;
 
-// Payload bytes of a validated F32 block. The wire format is the in-memory
+// Payload bytes of block i: its `data`, or the caller's view of them.
+absl::string_view PayloadOf(const PushRequest& request,
+                            absl::Span<const absl::string_view> payloads, int i) {
+  return payloads.empty() ? absl::string_view(request.blocks(i).data()) : payloads[i];
+}
+
+// Payload of a validated F32 block. The wire format is the in-memory
 // format (little-endian), so gradients are read in place, never copied.
-const float* PayloadFloats(const tessera::v1::TensorBlock& block) {
-  return reinterpret_cast<const float*>(block.data().data());
+const float* PayloadFloats(absl::string_view payload) {
+  return reinterpret_cast<const float*>(payload.data());
 }
 
 using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>;
@@ -81,6 +87,7 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
 }
 
 absl::Status ShardStore::Validate(const PushRequest& request,
+                                  absl::Span<const absl::string_view> payloads,
                                   bool* nonfinite) const {
   *nonfinite = false;
   // Steps count from 0 and stay far from overflow (step + 1 is taken).
@@ -94,9 +101,14 @@ absl::Status ShardStore::Validate(const PushRequest& request,
         absl::StrCat("push carries ", request.blocks_size(), " blocks; shard ",
                      shard_, " owns ", owned_.size(), " and takes all of them"));
   }
+  if (!payloads.empty() && payloads.size() != static_cast<size_t>(request.blocks_size())) {
+    return absl::InternalError("payload views do not match the push's blocks");
+  }
   // Each owned block exactly once; ids are dense so a bitmap suffices.
   std::vector<bool> seen(blocks_.size(), false);
-  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+  for (int i = 0; i < request.blocks_size(); ++i) {
+    const tessera::v1::TensorBlock& tb = request.blocks(i);
+    const absl::string_view data = PayloadOf(request, payloads, i);
     const uint32_t id = tb.block_id();
     if (id >= blocks_.size() || blocks_[id] == nullptr) {
       return absl::NotFoundError(
@@ -116,20 +128,20 @@ absl::Status ShardStore::Validate(const PushRequest& request,
     const int64_t width = DTypeSize(tb.dtype());
     int64_t values = n;
     if (tb.sparse()) {
-      absl::Status sparse = ValidateSparse(tb.dtype(), tb.indices(), tb.data(), n);
+      absl::Status sparse = ValidateSparse(tb.dtype(), tb.indices(), data, n);
       if (!sparse.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("block ", id, ": ", sparse.message()));
       }
       values = static_cast<int64_t>(tb.indices().size() / 4);
-    } else if (static_cast<int64_t>(tb.data().size()) != n * width) {
+    } else if (static_cast<int64_t>(data.size()) != n * width) {
       return absl::InvalidArgumentError(
-          absl::StrCat("block ", id, ": payload has ", tb.data().size(),
+          absl::StrCat("block ", id, ": payload has ", data.size(),
                        " bytes, expected ", n * width));
     } else if (!tb.indices().empty()) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": indices on a dense block (set sparse)"));
     }
-    if (!PayloadWithinGradientLimit(tb.dtype(), tb.data(), values)) {
+    if (!PayloadWithinGradientLimit(tb.dtype(), data, values)) {
       *nonfinite = true;
       return absl::InvalidArgumentError(absl::StrCat(
           "block ", id, ": gradient has NaN or infinite values, or values of magnitude >= 2^101"));
@@ -225,9 +237,10 @@ void ShardStore::CountRejected() {
 }
 
 absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
-                                             const PushRequest& request) {
+                                             const PushRequest& request,
+                                             absl::Span<const absl::string_view> payloads) {
   bool nonfinite = false;
-  absl::Status valid = Validate(request, &nonfinite);
+  absl::Status valid = Validate(request, payloads, &nonfinite);
   if (!valid.ok()) {
     absl::MutexLock lock(&mu_);
     ++counters_.requests_rejected;
@@ -292,7 +305,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
   }
 
   if (mode_ != tessera::v1::SYNC) {
-    ApplyDirect(request);
+    ApplyDirect(request, payloads);
     bool checkpoint = false;
     int64_t version;
     {
@@ -310,13 +323,15 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     return PushOutcome{true, "", staleness};
   }
 
-  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+  for (int i = 0; i < request.blocks_size(); ++i) {
+    const tessera::v1::TensorBlock& tb = request.blocks(i);
+    const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
     if (tb.sparse()) {
-      ScatterAddInto(tb.dtype(), tb.indices(), tb.data(), b->accum.data());
+      ScatterAddInto(tb.dtype(), tb.indices(), data, b->accum.data());
     } else {
-      AccumulateInto(tb.dtype(), tb.data(), b->accum.data(), b->info.num_elements);
+      AccumulateInto(tb.dtype(), data, b->accum.data(), b->info.num_elements);
     }
   }
   bool apply = false;
@@ -442,30 +457,33 @@ void ShardStore::RequestCheckpoint() {
   if (now) checkpoint_hook_(Snapshot());
 }
 
-void ShardStore::ApplyDirect(const PushRequest& request) {
+void ShardStore::ApplyDirect(const PushRequest& request,
+                             absl::Span<const absl::string_view> payloads) {
   // Asynchronous modes schedule the learning rate by the pushing worker's
   // own step, so the schedule does not depend on arrival order.
   const float lr = static_cast<float>(optimizer_->LearningRate(request.step()));
   std::vector<float*> slots;
-  for (const tessera::v1::TensorBlock& tb : request.blocks()) {
+  for (int i = 0; i < request.blocks_size(); ++i) {
+    const tessera::v1::TensorBlock& tb = request.blocks(i);
+    const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
     slots.clear();
     for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
     ++b->updates;
-    const float* grad = PayloadFloats(tb);
+    const float* grad = PayloadFloats(data);
     if (tb.sparse()) {
       // Sparse gradients are densified (zeros elsewhere) into the block's
       // scratch buffer, so every optimizer sees the same dense update.
       if (b->scratch.size() == 0) b->scratch = AlignedBuffer(b->info.num_elements);
       std::fill(b->scratch.data(), b->scratch.data() + b->info.num_elements, 0.0f);
-      ScatterAddInto(tb.dtype(), tb.indices(), tb.data(), b->scratch.data());
+      ScatterAddInto(tb.dtype(), tb.indices(), data, b->scratch.data());
       grad = b->scratch.data();
     } else if (tb.dtype() != tessera::v1::F32) {
       // Compressed gradients are widened into the block's scratch buffer;
       // the optimizer always works in F32.
       if (b->scratch.size() == 0) b->scratch = AlignedBuffer(b->info.num_elements);
-      DecodeF32(tb.dtype(), tb.data(), b->scratch.span()).IgnoreError();  // validated
+      DecodeF32(tb.dtype(), data, b->scratch.span()).IgnoreError();  // validated
       grad = b->scratch.data();
     }
     optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots.data(),
@@ -494,7 +512,7 @@ bool ShardStore::PullReadyLocked(int64_t step) const {
 }
 
 absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
-                              tessera::v1::PullResult* out) {
+                              tessera::v1::PullResult* out, absl::Span<char> area) {
   int64_t version;
   {
     absl::MutexLock lock(&mu_);
@@ -518,6 +536,7 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
   while (out->blocks_size() > static_cast<int>(owned_.size())) {
     out->mutable_blocks()->RemoveLast();
   }
+  uint64_t area_used = 0;
   for (size_t i = 0; i < owned_.size(); ++i) {
     Block* b = owned_[i];
     tessera::v1::TensorBlock* tb =
@@ -525,8 +544,19 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
                                                  : out->add_blocks();
     tb->set_block_id(b->info.id);
     tb->set_dtype(wire_dtype_);
+    const uint64_t bytes = b->info.num_elements * DTypeSize(wire_dtype_);
     absl::MutexLock lock(&b->mu);
-    Encode(wire_dtype_, b->params.span(), tb->mutable_data());
+    if (bytes > 0 && bytes <= area.size() - area_used) {
+      EncodeTo(wire_dtype_, b->params.span(), area.subspan(area_used, bytes));
+      tb->clear_data();
+      tb->set_shm_offset(area_used);
+      tb->set_shm_size(bytes);
+      area_used = std::min<uint64_t>((area_used + bytes + 63) / 64 * 64, area.size());
+    } else {
+      tb->clear_shm_offset();
+      tb->clear_shm_size();
+      Encode(wire_dtype_, b->params.span(), tb->mutable_data());
+    }
   }
   return absl::OkStatus();
 }

@@ -15,8 +15,10 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "common/aligned_buffer.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
@@ -93,15 +95,22 @@ class ShardStore {
   // finiteness); any problem rejects the whole push, is counted and changes
   // nothing. A push (worker, incarnation, step) takes effect at most once:
   // repeats and pushes for closed steps are acknowledged with applied=false.
+  // `payloads`, when not empty, holds each block's bytes in block order
+  // (for example in a same-host shared-memory region) and stands in for
+  // the blocks' `data`; the views must stay valid for the call.
   absl::StatusOr<PushOutcome> Push(int worker, int64_t incarnation,
-                                   const tessera::v1::PushRequest& request);
+                                   const tessera::v1::PushRequest& request,
+                                   absl::Span<const absl::string_view> payloads = {});
 
   // Waits until the consistency mode lets a worker at `step` read (SYNC:
   // `step` updates applied; SSP: slowest live worker within staleness;
   // ASYNC: never waits), then copies every block into `out`, reusing its
   // storage. kUnavailable after `timeout` or once Shutdown() was called.
-  absl::Status Pull(int64_t step, absl::Duration timeout,
-                    tessera::v1::PullResult* out);
+  // With `area` (a same-host shared-memory reply area), payloads are
+  // written there instead (64-byte aligned, shm_offset/shm_size set, `data`
+  // empty); a block that does not fit stays inline.
+  absl::Status Pull(int64_t step, absl::Duration timeout, tessera::v1::PullResult* out,
+                    absl::Span<char> area = {});
 
   // Wakes every waiting Pull with kUnavailable; later pulls fail at once.
   void Shutdown();
@@ -155,6 +164,7 @@ class ShardStore {
 
   // Sets *nonfinite when the rejection is for NaN or infinite values.
   absl::Status Validate(const tessera::v1::PushRequest& request,
+                        absl::Span<const absl::string_view> payloads,
                         bool* nonfinite) const;
   // SYNC: true when every live worker has contributed to the open step and
   // no accumulation is still running; the caller must then run ApplyStep.
@@ -165,7 +175,8 @@ class ShardStore {
   void ApplyStep(int contributors, int64_t step) ABSL_LOCKS_EXCLUDED(mu_);
   // Copies the blocks; the caller guarantees no apply runs meanwhile.
   ShardState CopyBlocks(int64_t step, int64_t version);
-  void ApplyDirect(const tessera::v1::PushRequest& request);
+  void ApplyDirect(const tessera::v1::PushRequest& request,
+                   absl::Span<const absl::string_view> payloads);
   bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t SlowestClockLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -222,7 +222,8 @@ TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {
 // give the same results as payloads on the stream, and bad references to
 // the region are refused like any bad block.
 TEST_F(ServerProcessTest, SharedMemoryPayloadsMatchTheStreamAndBadRangesAreRefused) {
-  const uint64_t bytes = partition_->shard_bytes(0);
+  const uint64_t bytes =
+      SharedAreaBytes(partition_->shard_bytes(0), partition_->shard_blocks(0).size());
   absl::StatusOr<std::unique_ptr<SharedRegion>> region = SharedRegion::Create(bytes, bytes);
   ASSERT_TRUE(region.ok()) << region.status();
   const double before = Stats().param_sum();

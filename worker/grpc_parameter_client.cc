@@ -150,6 +150,11 @@ class ShardStream {
     // payload bytes are rewritten.
     const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
     tessera::v1::PushRequest* push = push_.mutable_push();
+    // With a shared-memory region, dense payloads are written straight
+    // into its request area (one copy instead of two).
+    const absl::Span<char> area =
+        region_ != nullptr ? region_->request_area() : absl::Span<char>();
+    uint64_t area_used = 0;
     push->set_step(step);
     push->set_return_parameters(true);
     push->set_base_version(version_);
@@ -173,9 +178,21 @@ class ShardStream {
         EncodeTopK(options_.wire_dtype, g, k, absl::MakeSpan(residual_[i]), &topk_scratch_,
                    tb->mutable_indices(), tb->mutable_data());
       } else {
-        Encode(options_.wire_dtype, g, tb->mutable_data());
+        const uint64_t bytes = g.size() * DTypeSize(options_.wire_dtype);
+        if (bytes > 0 && bytes <= area.size() - area_used) {
+          EncodeTo(options_.wire_dtype, g, area.subspan(area_used, bytes));
+          tb->clear_data();
+          tb->set_shm_offset(area_used);
+          tb->set_shm_size(bytes);
+          area_used = std::min<uint64_t>((area_used + bytes + 63) / 64 * 64, area.size());
+        } else {
+          tb->clear_shm_offset();
+          tb->clear_shm_size();
+          Encode(options_.wire_dtype, g, tb->mutable_data());
+        }
       }
-      payload_bytes_ += static_cast<int64_t>(tb->data().size() + tb->indices().size());
+      payload_bytes_ +=
+          static_cast<int64_t>(tb->data().size() + tb->shm_size() + tb->indices().size());
     }
     TESSERA_RETURN_IF_ERROR(Call(&push_));
     *applied = reply_.push().applied();
@@ -259,7 +276,8 @@ class ShardStream {
     // server session may still hold the previous one.
     std::unique_ptr<SharedRegion> offered;
     if (options_.shared_memory && IsLocalTarget(address_)) {
-      const uint64_t bytes = partition_.shard_bytes(shard_);
+      const uint64_t bytes = SharedAreaBytes(partition_.shard_bytes(shard_),
+                                             partition_.shard_blocks(shard_).size());
       absl::StatusOr<std::unique_ptr<SharedRegion>> r = SharedRegion::Create(bytes, bytes);
       if (r.ok()) {
         offered = *std::move(r);
@@ -302,7 +320,16 @@ class ShardStream {
       stream_->Finish().ok();  // the outcome no longer matters
       stream_.reset();
     }
-    region_.reset();
+    if (region_ != nullptr) {
+      // A push written straight into this region is resent on the next
+      // stream, which has a region of its own (or none): take its bytes
+      // back into the message first.
+      if (push_.has_push()) {
+        MaterializeBlocks(push_.mutable_push()->mutable_blocks(), region_->request_area())
+            .IgnoreError();  // ranges written here, always inside the area
+      }
+      region_.reset();
+    }
   }
 
   absl::Status Exchange(ClientMessage* request) {
