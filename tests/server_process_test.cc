@@ -2,6 +2,9 @@
 // exactly-once apply, bad job files and port clashes.
 
 #include <grpcpp/grpcpp.h>
+#include <signal.h>
+
+#include <thread>
 
 #include <cmath>
 #include <cstring>
@@ -421,6 +424,59 @@ TEST(CommandLineTest, HelpExitsZeroAndListsFlags) {
   RunResult unknown = RunProgram({Bin("tessera-server"), "--no_such_flag=1"}, dir, absl::Seconds(10));
   EXPECT_NE(unknown.status, 0);
   EXPECT_NE(unknown.output.find("no_such_flag"), std::string::npos) << unknown.output;
+}
+
+// The worker writes dense gradients straight into its shared-memory region.
+// When the server dies with a push in flight and a new one takes its place,
+// the resend goes through a new region and must carry the same bytes: the
+// new server's exact-sum parameters move by exactly the pushes it applied.
+TEST_F(ServerProcessTest, SharedMemoryPushIsResentWhole) {
+  GrpcClientOptions options;
+  options.servers = {server_->address()};
+  options.worker_id = 0;
+  options.incarnation = 1;
+  options.job_hash = JobHash(job_);
+  options.request_timeout = absl::Seconds(1);
+  options.connect_timeout = absl::Seconds(10);
+  ::testing::internal::CaptureStderr();
+  auto client = CreateGrpcParameterClient(*partition_, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  const double before = Stats().param_sum();
+  std::vector<float> grads(partition_->total_elements(), 1.0f);
+  std::vector<float> params(partition_->total_elements());
+  ASSERT_TRUE((*client)->PushAndPull(0, grads, absl::MakeSpan(params)).ok());
+
+  // Kill the server, push step 1 (written into the old region, then
+  // retried), and start a fresh server on the same port: only the resend
+  // can reach it.
+  const int port = server_->port();
+  server_->process()->Signal(SIGKILL);
+  ASSERT_TRUE(server_->process()->Wait(absl::Seconds(10)).has_value());
+  absl::StatusOr<ParameterClient::PushPullResult> second;
+  std::thread pusher([&] { second = (*client)->PushAndPull(1, grads, absl::MakeSpan(params)); });
+  absl::SleepFor(absl::Milliseconds(500));
+  server_ = ServerProcess::Start(
+      dir_, {"--job=" + job_path_, "--shard=0", absl::StrCat("--listen=127.0.0.1:", port)});
+  ASSERT_NE(server_, nullptr);
+  pusher.join();
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE((*client)->PushAndPull(2, grads, absl::MakeSpan(params)).ok());
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("payloads through shared memory"), std::string::npos) << log;
+  EXPECT_NE(log.find("reconnected"), std::string::npos) << log;
+
+  // The new server started from the same initial parameters (the job's
+  // seed) and applied steps 1 and 2; a resend of the bytes the new region
+  // happened to hold (zeros) would have moved them by one push only.
+  const tessera::v1::ShardStatsResponse after = Stats();
+  EXPECT_EQ(after.pushes_applied(), 2);
+  EXPECT_EQ(after.requests_rejected(), 0);
+  // 260 parameters, each lowered by exactly 1 per applied push.
+  EXPECT_NEAR((before - after.param_sum()) / 260.0, 2.0, 1e-4);
+  // The parameters the worker received last are the server's.
+  double received = 0;
+  for (float p : params) received += p;
+  EXPECT_NEAR(received, after.param_sum(), 1e-3);
 }
 
 // A worker that computes for longer than the keepalive timeout (15 s: 10 s
