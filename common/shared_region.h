@@ -23,7 +23,10 @@
 // bound, and the header's magic, sizes and nonce match the Hello. A remote
 // client cannot name a region: the server only accepts loopback and
 // Unix-socket peers (ParameterServiceImpl), and the nonce proves the client
-// can read the region.
+// can read the region. Once the name is removed only the worker that made
+// the region can still write it; the server reads push payloads in place
+// after validating them, so it trusts that worker not to rewrite its
+// request area during an exchange (docs/DESIGN.md, "Same-host fast path").
 
 #ifndef TESSERA_COMMON_SHARED_REGION_H_
 #define TESSERA_COMMON_SHARED_REGION_H_
