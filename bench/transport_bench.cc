@@ -373,7 +373,7 @@ class BenchClient {
       if (region_ != nullptr) {
         // As the worker does: dense payloads go straight into the region.
         const uint64_t bytes = g.size() * sizeof(float);
-        EncodeTo(tessera::v1::F32, g, region_->request_area().subspan(used, bytes));
+        EncodeToShared(tessera::v1::F32, g, region_->request_area().subspan(used, bytes));
         tb->set_shm_offset(used);
         tb->set_shm_size(bytes);
         used += (bytes + 63) / 64 * 64;

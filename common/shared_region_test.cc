@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "common/tensor_codec.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -197,6 +198,29 @@ TEST(SharedRegionTest, BadRangesAreRefusedAndChangeNothing) {
   bad->set_block_id(7);
   const absl::Status none = MaterializeBlocks(push.mutable_blocks(), {});
   EXPECT_THAT(none.message(), HasSubstr("this stream has none"));
+}
+
+// The streaming-store path writes the same bytes as EncodeTo, whatever the
+// alignment and length (tails shorter than one 32-byte store included).
+TEST(SharedRegionTest, EncodeToSharedWritesWhatEncodeToWrites) {
+  std::vector<float> values(1000);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.37f * static_cast<float>(i) - 91.0f;
+  alignas(64) static char out[8192];
+  alignas(64) static char want[8192];
+  for (tessera::v1::DType dtype : {tessera::v1::F32, tessera::v1::BF16}) {
+    for (size_t n : {size_t{0}, size_t{1}, size_t{7}, size_t{8}, size_t{9}, size_t{1000}}) {
+      for (size_t offset : {size_t{0}, size_t{4}, size_t{32}}) {
+        const size_t bytes = n * DTypeSize(dtype);
+        std::memset(out, 0x5a, sizeof(out));
+        std::memset(want, 0x5a, sizeof(want));
+        const absl::Span<const float> v(values.data(), n);
+        EncodeToShared(dtype, v, absl::Span<char>(out + offset, bytes));
+        EncodeTo(dtype, v, absl::Span<char>(want + offset, bytes));
+        EXPECT_EQ(std::memcmp(out, want, sizeof(out)), 0)
+            << tessera::v1::DType_Name(dtype) << " n=" << n << " offset=" << offset;
+      }
+    }
+  }
 }
 
 TEST(SharedRegionTest, LocalAddressesAndPeers) {

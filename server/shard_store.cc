@@ -7,6 +7,7 @@
 
 #include "Eigen/Core"
 #include "absl/strings/str_cat.h"
+#include "common/shared_region.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 
@@ -547,7 +548,7 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
     const uint64_t bytes = b->info.num_elements * DTypeSize(wire_dtype_);
     absl::MutexLock lock(&b->mu);
     if (bytes > 0 && bytes <= area.size() - area_used) {
-      EncodeTo(wire_dtype_, b->params.span(), area.subspan(area_used, bytes));
+      EncodeToShared(wire_dtype_, b->params.span(), area.subspan(area_used, bytes));
       tb->clear_data();
       tb->set_shm_offset(area_used);
       tb->set_shm_size(bytes);

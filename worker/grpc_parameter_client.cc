@@ -180,7 +180,7 @@ class ShardStream {
       } else {
         const uint64_t bytes = g.size() * DTypeSize(options_.wire_dtype);
         if (bytes > 0 && bytes <= area.size() - area_used) {
-          EncodeTo(options_.wire_dtype, g, area.subspan(area_used, bytes));
+          EncodeToShared(options_.wire_dtype, g, area.subspan(area_used, bytes));
           tb->clear_data();
           tb->set_shm_offset(area_used);
           tb->set_shm_size(bytes);
