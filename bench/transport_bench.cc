@@ -370,16 +370,10 @@ class BenchClient {
       tb->set_dtype(tessera::v1::F32);
       const absl::Span<const float> g =
           absl::MakeConstSpan(grads_).subspan(b.flat_offset, b.num_elements);
-      if (region_ != nullptr) {
-        // As the worker does: dense payloads go straight into the region.
-        const uint64_t bytes = g.size() * sizeof(float);
-        EncodeToShared(tessera::v1::F32, g, region_->request_area().subspan(used, bytes));
-        tb->set_shm_offset(used);
-        tb->set_shm_size(bytes);
-        used += (bytes + 63) / 64 * 64;
-      } else {
-        EncodeF32(g, tb->mutable_data());
-      }
+      // As the worker does: into the region when there is one.
+      EncodeBlockPayload(tessera::v1::F32, g,
+                         region_ != nullptr ? region_->request_area() : absl::Span<char>(),
+                         &used, tb);
     }
     const auto t1 = Clock::now();
     if (!stream_->Write(push_)) return Fail("push: stream closed on write");

@@ -168,7 +168,7 @@ void OffloadBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>*
   for (const tessera::v1::TensorBlock& b : *blocks) {
     if (b.shm_size() > 0 && b.shm_offset() <= area.size() &&
         b.shm_size() <= area.size() - b.shm_offset()) {
-      offset = std::max<uint64_t>(offset, (b.shm_offset() + b.shm_size() + 63) / 64 * 64);
+      offset = std::max<uint64_t>(offset, AlignPayload(b.shm_offset() + b.shm_size()));
     }
   }
   offset = std::min<uint64_t>(offset, area.size());
@@ -179,8 +179,7 @@ void OffloadBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>*
     std::memcpy(area.data() + offset, data.data(), data.size());
     b->set_shm_offset(offset);
     b->set_shm_size(data.size());
-    offset += (data.size() + 63) / 64 * 64;  // keep payloads cache-line aligned
-    offset = std::min<uint64_t>(offset, area.size());
+    offset = std::min<uint64_t>(AlignPayload(offset + data.size()), area.size());
     std::string& slot = (*parked)[i];
     slot.clear();
     b->mutable_data()->swap(slot);
@@ -227,6 +226,18 @@ absl::StatusOr<absl::string_view> BlockPayload(const tessera::v1::TensorBlock& b
   return absl::string_view(area.data() + off, len);
 }
 
+absl::Status ResolvePayloads(
+    const google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>& blocks,
+    absl::Span<const char> area, std::vector<absl::string_view>* out) {
+  out->clear();
+  for (const tessera::v1::TensorBlock& b : blocks) {
+    absl::StatusOr<absl::string_view> p = BlockPayload(b, area);
+    if (!p.ok()) return p.status();
+    out->push_back(*p);
+  }
+  return absl::OkStatus();
+}
+
 absl::Status MaterializeBlocks(
     google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,
     absl::Span<const char> area) {
@@ -262,6 +273,23 @@ void EncodeToShared(tessera::v1::DType dtype, absl::Span<const float> values,
   }
 #endif
   EncodeTo(dtype, values, out);
+}
+
+void EncodeBlockPayload(tessera::v1::DType dtype, absl::Span<const float> values,
+                        absl::Span<char> area, uint64_t* used,
+                        tessera::v1::TensorBlock* block) {
+  const uint64_t bytes = values.size() * DTypeSize(dtype);
+  if (bytes > 0 && *used <= area.size() && bytes <= area.size() - *used) {
+    EncodeToShared(dtype, values, area.subspan(*used, bytes));
+    block->clear_data();
+    block->set_shm_offset(*used);
+    block->set_shm_size(bytes);
+    *used = std::min<uint64_t>(AlignPayload(*used + bytes), area.size());
+  } else {
+    block->clear_shm_offset();
+    block->clear_shm_size();
+    Encode(dtype, values, block->mutable_data());
+  }
 }
 
 bool IsLocalTarget(absl::string_view address) {

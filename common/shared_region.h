@@ -98,6 +98,18 @@ class SharedRegion {
 void EncodeToShared(tessera::v1::DType dtype, absl::Span<const float> values,
                     absl::Span<char> out);
 
+// Payloads in an area start on 64-byte boundaries: the first byte after a
+// payload ending at `end` where the next may start.
+inline uint64_t AlignPayload(uint64_t end) { return (end + 63) / 64 * 64; }
+
+// Writes `values` in `dtype` as `block`'s payload: into `area` at *used
+// (EncodeToShared; shm_offset/shm_size set, `data` cleared) when it fits,
+// and *used moves past it; otherwise inline in `data` (shm fields cleared).
+// An empty `area` means no region: always inline.
+void EncodeBlockPayload(tessera::v1::DType dtype, absl::Span<const float> values,
+                        absl::Span<char> area, uint64_t* used,
+                        tessera::v1::TensorBlock* block);
+
 // Room one area needs for `blocks` payloads of `payload_bytes` in all,
 // each starting on a 64-byte boundary; and the size of a region with two
 // such areas (what a server accepts at most).
@@ -127,9 +139,17 @@ void RestoreBlocks(google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>*
 absl::StatusOr<absl::string_view> BlockPayload(const tessera::v1::TensorBlock& block,
                                                absl::Span<const char> area);
 
-// Server side of a push: copies every shared-memory payload into its
-// block's `data` and clears the block's shm fields. Errors as BlockPayload;
-// on error the blocks are left as they were.
+// Every block's payload (BlockPayload) in block order, into `out` (reused);
+// the first error as BlockPayload. How the server reads a push: the views
+// go to ShardStore::Push, so payloads in the region are never copied.
+absl::Status ResolvePayloads(
+    const google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>& blocks,
+    absl::Span<const char> area, std::vector<absl::string_view>* out);
+
+// Copies every shared-memory payload into its block's `data` and clears the
+// block's shm fields (a worker taking its push back from a region it is
+// about to drop). Errors as BlockPayload; on error the blocks are left as
+// they were.
 absl::Status MaterializeBlocks(
     google::protobuf::RepeatedPtrField<tessera::v1::TensorBlock>* blocks,
     absl::Span<const char> area);

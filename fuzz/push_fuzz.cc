@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
@@ -75,10 +76,11 @@ class Session {
   }
 
   // Returns whether the push was accepted.
-  bool Push(int worker, int64_t incarnation, const tessera::v1::PushRequest& push) {
+  bool Push(int worker, int64_t incarnation, const tessera::v1::PushRequest& push,
+            absl::Span<const absl::string_view> payloads) {
     const double before = store_->ParamSum();
     const int64_t rejected_before = store_->stats().requests_rejected;
-    absl::StatusOr<PushOutcome> outcome = store_->Push(worker, incarnation, push);
+    absl::StatusOr<PushOutcome> outcome = store_->Push(worker, incarnation, push, payloads);
     const double after = store_->ParamSum();
     const int64_t rejected_after = store_->stats().requests_rejected;
     if (!outcome.ok()) {
@@ -171,6 +173,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Session session((data[0] & 1) ? tessera::v1::ASYNC : tessera::v1::SYNC);
   size_t pos = 1;
   tessera::v1::ClientMessage message;
+  std::vector<absl::string_view> payloads;
   for (int record = 0; record < tessera::fuzz::kMaxRecords && pos < size; ++record) {
     const uint8_t ctl = data[pos++];
     const int worker = static_cast<int>(ctl & 3) - 1;
@@ -185,12 +188,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const bool parsed = message.ParseFromArray(data + pos, static_cast<int>(len));
     pos += len;
     if (!parsed) continue;  // gRPC fails the stream's Read on such bytes
-    // As the Session handler does: payloads a push left in the stream's
-    // shared-memory region (here a fixed buffer) join their blocks first.
+    // As the Session handler does: a push's payloads are resolved, inline or
+    // in the stream's shared-memory region (here a fixed buffer), and the
+    // store reads them through the views.
     static char region[4096];
     if (message.has_push() &&
-        !tessera::MaterializeBlocks(message.mutable_push()->mutable_blocks(),
-                                    absl::Span<const char>(region, (ctl & 0x20) ? sizeof(region) : 0))
+        !tessera::ResolvePayloads(message.push().blocks(),
+                                  absl::Span<const char>(region, (ctl & 0x20) ? sizeof(region) : 0),
+                                  &payloads)
              .ok()) {
       continue;  // answered with INVALID_ARGUMENT, nothing reaches the store
     }
@@ -200,7 +205,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         break;
       case tessera::RequestKind::kPush:
         // A fused push-pull asks for step + 1 when the push was accepted.
-        if (session.Push(worker, incarnation, message.push()) &&
+        if (session.Push(worker, incarnation, message.push(), payloads) &&
             message.push().return_parameters()) {
           int64_t next;
           tessera::fuzz::Check(!__builtin_add_overflow(message.push().step(), 1, &next),

@@ -33,19 +33,6 @@ double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::Tensor
   return bytes;
 }
 
-// Each block's payload, inline or in the stream's shared-memory region, in
-// block order; kInvalidArgument naming the first bad one.
-absl::Status ResolvePayloads(const tessera::v1::PushRequest& push, absl::Span<const char> area,
-                             std::vector<absl::string_view>* out) {
-  out->clear();
-  for (const tessera::v1::TensorBlock& b : push.blocks()) {
-    absl::StatusOr<absl::string_view> p = BlockPayload(b, area);
-    if (!p.ok()) return p.status();
-    out->push_back(*p);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 ParameterServiceImpl::ParameterServiceImpl(
@@ -159,7 +146,7 @@ grpc::Status ParameterServiceImpl::Session(
     // A push's payloads are read where they lie (inline or in the region,
     // without a copy); a bad range is refused like any bad block.
     const absl::Status resolved = request.has_push()
-                                      ? ResolvePayloads(request.push(), request_area, &payloads)
+                                      ? ResolvePayloads(request.push().blocks(), request_area, &payloads)
                                       : absl::OkStatus();
     switch (resolved.ok() ? KindOf(request) : RequestKind::kNone) {
       case RequestKind::kPush: {

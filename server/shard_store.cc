@@ -545,19 +545,8 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
                                                  : out->add_blocks();
     tb->set_block_id(b->info.id);
     tb->set_dtype(wire_dtype_);
-    const uint64_t bytes = b->info.num_elements * DTypeSize(wire_dtype_);
     absl::MutexLock lock(&b->mu);
-    if (bytes > 0 && bytes <= area.size() - area_used) {
-      EncodeToShared(wire_dtype_, b->params.span(), area.subspan(area_used, bytes));
-      tb->clear_data();
-      tb->set_shm_offset(area_used);
-      tb->set_shm_size(bytes);
-      area_used = std::min<uint64_t>((area_used + bytes + 63) / 64 * 64, area.size());
-    } else {
-      tb->clear_shm_offset();
-      tb->clear_shm_size();
-      Encode(wire_dtype_, b->params.span(), tb->mutable_data());
-    }
+    EncodeBlockPayload(wire_dtype_, b->params.span(), area, &area_used, tb);
   }
   return absl::OkStatus();
 }

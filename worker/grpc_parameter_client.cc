@@ -178,18 +178,7 @@ class ShardStream {
         EncodeTopK(options_.wire_dtype, g, k, absl::MakeSpan(residual_[i]), &topk_scratch_,
                    tb->mutable_indices(), tb->mutable_data());
       } else {
-        const uint64_t bytes = g.size() * DTypeSize(options_.wire_dtype);
-        if (bytes > 0 && bytes <= area.size() - area_used) {
-          EncodeToShared(options_.wire_dtype, g, area.subspan(area_used, bytes));
-          tb->clear_data();
-          tb->set_shm_offset(area_used);
-          tb->set_shm_size(bytes);
-          area_used = std::min<uint64_t>((area_used + bytes + 63) / 64 * 64, area.size());
-        } else {
-          tb->clear_shm_offset();
-          tb->clear_shm_size();
-          Encode(options_.wire_dtype, g, tb->mutable_data());
-        }
+        EncodeBlockPayload(options_.wire_dtype, g, area, &area_used, tb);
       }
       payload_bytes_ +=
           static_cast<int64_t>(tb->data().size() + tb->shm_size() + tb->indices().size());
