@@ -273,6 +273,13 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
       w.last_step = -1;
     }
     w.live = true;
+    if (mode_ == tessera::v1::SYNC && recovering_ && step > step_) {
+      // About to jump (below): let a step being summed or applied finish.
+      auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return !applying_ && accumulating_ == 0;
+      };
+      mu_.Await(absl::Condition(&idle));
+    }
     if (step <= w.last_step) {
       ++counters_.pushes_duplicate;
       return PushOutcome{false, absl::StrCat("duplicate push for step ", step)};
@@ -283,7 +290,22 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
         ++counters_.pushes_duplicate;
         return PushOutcome{false, absl::StrCat("step ", step, " is closed")};
       }
-      if (step > step_ && fresh_ && contributed_.empty() && !applying_) {
+      // A worker pushes step s only after this shard returned parameters of
+      // step s, so a push ahead of step_ means the shard lost steps that
+      // its workers saw complete: it restarted from an older checkpoint.
+      // Until its first step completes it jumps to the workers' step,
+      // counting the skipped steps as lost. The partial sums of the open
+      // step go too: that step had completed before the restart (the
+      // worker pushing ahead saw it), and waiting for pushes that will not
+      // come again would hang its contributors.
+      if (step > step_ && recovering_ && !applying_ && accumulating_ == 0) {
+        if (!contributed_.empty()) {
+          for (Block* b : owned_) {
+            absl::MutexLock block_lock(&b->mu);
+            std::fill(b->accum.data(), b->accum.data() + b->accum.size(), 0.0f);
+          }
+          contributed_.clear();
+        }
         fast_forwarded = step - step_;
         counters_.lost_steps += fast_forwarded;
         version_ += fast_forwarded;
@@ -295,7 +317,6 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
             absl::StrCat("push for step ", step, " but shard ", shard_,
                          " is at step ", step_, "; pull first"));
       }
-      fresh_ = false;
       contributed_.insert(worker);
       ++accumulating_;
     }
@@ -388,6 +409,7 @@ void ShardStore::CompleteStep(int contributors, int64_t step) {
     ++version_;
     contributed_.clear();
     applying_ = false;
+    recovering_ = false;
   }
   if (snapshot) checkpoint_hook_(*std::move(snapshot));
 }

@@ -200,10 +200,11 @@ class ShardStore {
   bool applying_ ABSL_GUARDED_BY(mu_) = false;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
   bool checkpoint_pending_ ABSL_GUARDED_BY(mu_) = false;
-  // SYNC: true until the first push is accepted. A shard restarted from a
-  // checkpoint while its workers kept going gets pushes for later steps;
-  // while fresh, it jumps to the workers' step instead of refusing them.
-  bool fresh_ ABSL_GUARDED_BY(mu_) = true;
+  // SYNC: true until the first step completes here. A shard restarted
+  // from a checkpoint while its workers kept going gets pushes for later
+  // steps; while recovering, it jumps to the workers' step (dropping an
+  // open step's partial sums) instead of refusing them.
+  bool recovering_ ABSL_GUARDED_BY(mu_) = true;
   // Set before serving, then constant.
   int64_t checkpoint_every_ = 0;
   std::function<void(ShardState)> checkpoint_hook_;

@@ -387,6 +387,38 @@ TEST(ShardStoreTest, FreshShardFastForwardsToItsWorkers) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+TEST(ShardStoreTest, RecoveringShardDropsAnOpenStepThatItsWorkersSawComplete) {
+  // A shard restarted from a checkpoint at step 10 while its workers were
+  // at step 14: the old shard completed step 14 and worker 1 received it,
+  // but the reply to worker 0 was lost, so worker 0 resends step 14 and the
+  // fresh shard jumps there. Worker 1 then pushes step 15. The shard must
+  // drop the open step 14 (worker 1 will never push it again) and jump to
+  // step 15 rather than refuse worker 1 and leave both waiting for ever.
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  const std::vector<float> before = AllParams(**store);
+  auto resent = (*store)->Push(0, 1, FullPush(**store, 14, 1.0f));
+  ASSERT_TRUE(resent.ok()) << resent.status();
+  EXPECT_EQ(resent->fast_forwarded, 14);
+  // Worker 0 waits for step 15's parameters meanwhile.
+  absl::Status waited;
+  tessera::v1::PullResult pulled;
+  std::thread waiter([&] { waited = (*store)->Pull(15, absl::Seconds(20), &pulled); });
+  auto ahead = (*store)->Push(1, 1, FullPush(**store, 15, 5.0f));
+  ASSERT_TRUE(ahead.ok()) << ahead.status();
+  EXPECT_EQ(ahead->fast_forwarded, 1);
+  waiter.join();
+  EXPECT_TRUE(waited.ok()) << waited;  // released by the jump, not by the timeout
+  EXPECT_EQ((*store)->stats().lost_steps, 15);
+  ExpectShifted(before, AllParams(**store), 0.0f);  // step 14's partial sum is gone
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 15, 3.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 16);
+  ExpectShifted(before, AllParams(**store), 4.0f);  // only step 15, as the mean of 5 and 3
+  // Recovered: a push ahead is refused again.
+  EXPECT_EQ((*store)->Push(1, 1, FullPush(**store, 20, 1.0f)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(ShardStoreTest, SspBlocksOnlyBeyondTheStalenessBound) {
   // Two workers, staleness 1: worker 0 may run one clock ahead of worker 1.
   auto store = ShardStore::Create(ExactSumJob(tessera::v1::SSP, 2), 0);
