@@ -40,6 +40,12 @@ ABSL_FLAG(bool, shared_memory, true,
           "Same-host fast path: workers offer servers on this host (loopback or unix: "
           "addresses) a shared-memory region for tensor payloads, and servers accept it. "
           "--noshared_memory keeps every payload on the gRPC stream.");
+ABSL_FLAG(bool, layerwise_push, false,
+          "Workers: push each shard as soon as backward has produced the gradients of "
+          "every parameter it holds (last layer first) while the rest of backward goes "
+          "on, instead of after the whole backward. Same bytes, same results. Works at "
+          "shard granularity: a shard holding a block of the first layer waits for the "
+          "whole backward. Not used with --overlap.");
 ABSL_FLAG(std::optional<int32_t>, epochs, std::nullopt, "Override job.epochs.");
 ABSL_FLAG(std::optional<int32_t>, batch_size, std::nullopt,
           "Override job.batch_size (samples per worker per step).");
@@ -189,6 +195,8 @@ absl::StatusOr<SocketTuning> SocketTuningFromFlags() {
 
 bool SharedMemoryFromFlags() { return absl::GetFlag(FLAGS_shared_memory); }
 
+bool LayerwisePushFromFlags() { return absl::GetFlag(FLAGS_layerwise_push); }
+
 std::vector<std::string> ForwardedSecurityFlags() {
   std::vector<std::string> out;
   const SecurityFiles f = SecurityFilesFromFlags();
@@ -219,6 +227,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
   Forward(FLAGS_tcp_rto_min_us, "tcp_rto_min_us", &out);
   if (!absl::GetFlag(FLAGS_shared_memory)) out.push_back("--shared_memory=false");
+  if (absl::GetFlag(FLAGS_layerwise_push)) out.push_back("--layerwise_push=true");
   if (const std::optional<bool> v = OverlapOverride()) {
     out.push_back(absl::StrCat("--overlap=", *v ? "true" : "false"));
   }

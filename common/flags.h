@@ -39,12 +39,16 @@ absl::StatusOr<SocketTuning> SocketTuningFromFlags();
 // --shared_memory.
 bool SharedMemoryFromFlags();
 
+// --layerwise_push (workers).
+bool LayerwisePushFromFlags();
+
 // The given security flags as arguments, for child processes.
 std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
 // child processes so that every process computes the same job; also
-// --tcp_rto_min_us when given and --shared_memory=false.
+// --tcp_rto_min_us when given, --shared_memory=false and
+// --layerwise_push=true.
 std::vector<std::string> ForwardedJobFlags();
 
 // Writes `port` and a newline to `path` through a temporary file and a

@@ -180,6 +180,39 @@ TEST_F(FashionMnistTest, SyncTwoWorkersEqualOneWorkerWithDoubleBatch) {
   EXPECT_GT(moved / one.size(), 1e-3);
 }
 
+// --layerwise_push sends each shard as soon as backward is done with its
+// parameters. With 4 MiB blocks the first layer's weight lies on shard 0
+// and everything else on shard 1, so shard 1's push leaves while the first
+// layer's gradient is still being computed; the parameters after 25
+// synchronous steps must be bit-identical to pushing after backward.
+TEST_F(FashionMnistTest, LayerwisePushLeavesEarlyAndChangesNothing) {
+  const std::string job = dir_ + "/blocks.textproto";
+  testing_util::WriteFile(job, ReadFile(FashionJob()) + "block_bytes: 4194304\n");
+  auto run = [&](bool layerwise, const std::string& name) {
+    const std::string dump = dir_ + "/" + name + ".f32";
+    const std::string summary =
+        Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
+               absl::StrCat("--layerwise_push=", layerwise ? "true" : "false")},
+              job);
+    return std::make_pair(ReadFloats(dump), JsonNumber(summary, "early_shard_pushes"));
+  };
+  const auto [layerwise, early] = run(true, "layerwise");
+  const auto [whole, none] = run(false, "whole");
+  ASSERT_EQ(layerwise.size(), 235146u);
+  EXPECT_TRUE(layerwise == whole) << "layerwise pushes changed the parameters";
+  EXPECT_GT(early, 0) << "no shard push left before backward ended";
+  EXPECT_EQ(none, 0);
+  // Not a vacuous comparison: the steps moved the parameters.
+  double moved = 0;
+  const std::vector<float> start = [&] {
+    const std::string dump = dir_ + "/start.f32";
+    Train({"--workers=2", "--max_steps=1", "--mode=sync", "--dump_params=" + dump}, job);
+    return ReadFloats(dump);
+  }();
+  for (size_t i = 0; i < whole.size(); ++i) moved += std::abs(1.0 * whole[i] - start[i]);
+  EXPECT_GT(moved / whole.size(), 1e-3);
+}
+
 TEST(SeedJobTest, PrintsTenEpochsAndValLossFalls) {
   const std::string dir = NewTempDir("seed");
   RunResult r = RunProgram({Bin("tessera"), "local",

@@ -481,6 +481,105 @@ TEST_F(ServerProcessTest, SharedMemoryPushIsResentWhole) {
   EXPECT_NEAR(received, after.param_sum(), 1e-3);
 }
 
+// The split push (StartPushAndPull, MarkParamReady, FinishPushAndPull)
+// against two real servers: nothing leaves before its parameters are
+// ready, a shard whose parameters are all ready leaves while the other
+// still waits, the exact-sum counts come out right, and an aborted
+// exchange sends nothing that was still waiting.
+TEST(SplitPushTest, EachShardLeavesWhenItsParametersAreReady) {
+  const std::string dir = NewTempDir("split");
+  std::string text = kExactSumJob;
+  text.replace(text.find("num_shards: 1"), 13, "num_shards: 2");
+  const std::string job_path = dir + "/job.textproto";
+  WriteFile(job_path, text);
+  auto job = LoadJob(job_path, {});
+  ASSERT_TRUE(job.ok()) << job.status();
+  auto model = ParseModelSpec(job->model(), LossKind::kMeanSquaredError);
+  ASSERT_TRUE(model.ok());
+  auto partition = Partition::Create(*model, 2, job->block_bytes());
+  ASSERT_TRUE(partition.ok());
+  // linear:64-4 in 256-byte blocks: shard 1 holds only weight blocks
+  // (parameter 0); shard 0 holds weight blocks and the bias (parameter 1).
+  int64_t shard_elements[2] = {0, 0};
+  bool shard1_weight_only = true, shard0_has_bias = false;
+  for (const BlockInfo& b : partition->blocks()) {
+    shard_elements[b.shard] += b.num_elements;
+    if (b.shard == 1 && b.param_index != 0) shard1_weight_only = false;
+    if (b.shard == 0 && b.param_index == 1) shard0_has_bias = true;
+  }
+  ASSERT_TRUE(shard1_weight_only && shard0_has_bias) << "the partition changed; adapt the test";
+
+  std::unique_ptr<ServerProcess> servers[2];
+  std::unique_ptr<tessera::v1::ParameterService::Stub> stubs[2];
+  for (int s = 0; s < 2; ++s) {
+    servers[s] = ServerProcess::Start(dir, {"--job=" + job_path, absl::StrCat("--shard=", s)});
+    ASSERT_NE(servers[s], nullptr);
+    stubs[s] = tessera::v1::ParameterService::NewStub(
+        grpc::CreateChannel(servers[s]->address(), grpc::InsecureChannelCredentials()));
+  }
+  auto stats = [&](int s) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    tessera::v1::ShardStatsResponse out;
+    grpc::Status st = stubs[s]->ShardStats(&ctx, {}, &out);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return out;
+  };
+  auto wait_applied = [&](int s, int64_t n) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    while (stats(s).pushes_applied() < n && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return stats(s).pushes_applied();
+  };
+  const double before[2] = {stats(0).param_sum(), stats(1).param_sum()};
+
+  GrpcClientOptions options;
+  options.servers = {servers[0]->address(), servers[1]->address()};
+  options.job_hash = JobHash(*job);
+  options.incarnation = 1;
+  auto client = CreateGrpcParameterClient(*partition, options);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::vector<float> grads(partition->total_elements(), 1.0f);
+  std::vector<float> params(partition->total_elements());
+
+  ASSERT_TRUE((*client)->StartPushAndPull(0, grads, absl::MakeSpan(params)).ok());
+  EXPECT_EQ((*client)->StartPushAndPull(0, grads, absl::MakeSpan(params)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(stats(0).pushes_applied(), 0);
+  EXPECT_EQ(stats(1).pushes_applied(), 0);
+  (*client)->MarkParamReady(0);  // the weight: all of shard 1, part of shard 0
+  EXPECT_EQ(wait_applied(1, 1), 1);
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(stats(0).pushes_applied(), 0);  // still waits for the bias
+  absl::StatusOr<ParameterClient::PushPullResult> done = (*client)->FinishPushAndPull();
+  ASSERT_TRUE(done.ok()) << done.status();
+  EXPECT_EQ(done->not_applied, 0);
+  for (int s = 0; s < 2; ++s) {
+    const tessera::v1::ShardStatsResponse after = stats(s);
+    EXPECT_EQ(after.pushes_applied(), 1) << "shard " << s;
+    // Exact sum: every parameter of the shard lowered by exactly 1.
+    EXPECT_NEAR(before[s] - after.param_sum(), static_cast<double>(shard_elements[s]), 1e-3)
+        << "shard " << s;
+  }
+  double received = 0;
+  for (float p : params) received += p;
+  EXPECT_NEAR(received, stats(0).param_sum() + stats(1).param_sum(), 1e-3);
+
+  // Aborted before anything was ready: nothing is sent, and the client
+  // goes on working.
+  ASSERT_TRUE((*client)->StartPushAndPull(1, grads, absl::MakeSpan(params)).ok());
+  (*client)->AbortPushAndPull();
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_EQ(stats(0).pushes_applied(), 1);
+  EXPECT_EQ(stats(1).pushes_applied(), 1);
+  ASSERT_TRUE((*client)->PushAndPull(1, grads, absl::MakeSpan(params)).ok());
+  EXPECT_EQ(stats(0).pushes_applied(), 2);
+  EXPECT_EQ(stats(1).pushes_applied(), 2);
+  EXPECT_EQ(stats(0).requests_rejected() + stats(1).requests_rejected(), 0);
+}
+
 // A worker that computes for longer than the keepalive timeout (15 s: 10 s
 // ping, 5 s to answer) between two calls keeps its stream: the client must
 // read the server's ping replies while no call is in flight. Takes 17 s.

@@ -53,6 +53,17 @@ class CpuBackend final : public GradientBackend {
   absl::StatusOr<float> ComputeGradients(absl::Span<const float> params,
                                          const Batch& batch,
                                          absl::Span<float> grads) override {
+    return ComputeGradientsReporting(params, batch, grads, nullptr);
+  }
+
+  // Backward runs last layer first. Biases are not read after the forward
+  // pass, so a layer's bias is ready once its gradient is written; a
+  // weight once the gradient for the layer below has been taken through it
+  // (the first layer's at once).
+  absl::StatusOr<float> ComputeGradientsReporting(absl::Span<const float> params,
+                                                  const Batch& batch,
+                                                  absl::Span<float> grads,
+                                                  const GradientReadyFn& ready) override {
     if (grads.size() != static_cast<size_t>(total_params_)) {
       return absl::InvalidArgumentError(
           absl::StrCat("grads has ", grads.size(), " floats, model has ",
@@ -71,13 +82,18 @@ class CpuBackend final : public GradientBackend {
       ConstMatrixMap input = LayerInput(l, batch);
       MatrixMap dw(grads.data() + layer.weight_offset, layer.out, layer.in);
       RowVectorMap db(grads.data() + layer.bias_offset, layer.out);
-      dw.noalias() = dz.transpose() * input;
       db.noalias() = dz.colwise().sum();
-      if (l == 0) break;
+      if (ready) ready(static_cast<int>(2 * l + 1));
+      dw.noalias() = dz.transpose() * input;
+      if (l == 0) {
+        if (ready) ready(0);
+        break;
+      }
       ConstMatrixMap w(params.data() + layer.weight_offset, layer.out,
                        layer.in);
       MatrixMap da(delta_prev_.data(), rows, layer.in);
       da.noalias() = dz * w;
+      if (ready) ready(static_cast<int>(2 * l));
       // The layer below applied ReLU; its stored output is positive exactly
       // where the derivative is 1.
       da.array() = (input.array() > 0.0f).select(da.array(), 0.0f);

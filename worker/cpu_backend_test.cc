@@ -249,6 +249,61 @@ TEST(CpuBackendTest, GradsFullyOverwrittenAndEvaluateAgrees) {
   EXPECT_EQ(again, expected);
 }
 
+// ComputeGradientsReporting names every parameter once, last layer first,
+// and keeps its promise: at each report the parameter's gradient already
+// has its final value, and overwriting the parameter's values from then on
+// (as a pull arriving during backward does) changes no gradient.
+TEST(CpuBackendTest, ReportedParametersAreFinalAndNoLongerRead) {
+  for (const std::string spec : {"mlp:7-6-5-4-3", "linear:5-3"}) {
+    SCOPED_TRACE(spec);
+    const ModelSpec model = Parse(spec, LossKind::kSoftmaxCrossEntropy);
+    std::unique_ptr<GradientBackend> backend = MakeBackend(model, 16);
+    ASSERT_NE(backend, nullptr);
+    Uniform rand(23);
+    const std::vector<float> params = RandomParams(model, rand);
+    const OwnedBatch data = RandomBatch(model, 11, rand);
+    std::vector<float> expected(params.size());
+    absl::StatusOr<float> want =
+        backend->ComputeGradients(params, data.batch, absl::MakeSpan(expected));
+    ASSERT_TRUE(want.ok()) << want.status();
+
+    const std::vector<int64_t> offsets = model.param_offsets();
+    std::vector<float> poisoned = params;
+    std::vector<float> grads(params.size(), std::numeric_limits<float>::quiet_NaN());
+    std::vector<int> order;
+    std::vector<std::vector<float>> at_report(model.params.size());
+    absl::StatusOr<float> got = backend->ComputeGradientsReporting(
+        poisoned, data.batch, absl::MakeSpan(grads), [&](int p) {
+          ASSERT_GE(p, 0);
+          ASSERT_LT(p, static_cast<int>(model.params.size()));
+          order.push_back(p);
+          const int64_t begin = offsets[p], n = model.params[p].num_elements();
+          at_report[p].assign(grads.begin() + begin, grads.begin() + begin + n);
+          std::fill(poisoned.begin() + begin, poisoned.begin() + begin + n,
+                    std::numeric_limits<float>::quiet_NaN());
+        });
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(*got, *want);
+    EXPECT_EQ(grads, expected);  // no NaN reached any gradient
+    // Every parameter once; the last layer's before the first layer's.
+    std::vector<int> sorted = order;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<int> all(model.params.size());
+    for (size_t p = 0; p < all.size(); ++p) all[p] = static_cast<int>(p);
+    EXPECT_EQ(sorted, all);
+    const int last_weight = static_cast<int>(model.params.size()) - 2;
+    const auto pos = [&](int p) { return std::find(order.begin(), order.end(), p) - order.begin(); };
+    EXPECT_LT(pos(last_weight + 1), pos(0));
+    if (last_weight > 0) EXPECT_LT(pos(last_weight), pos(0));
+    for (size_t p = 0; p < model.params.size(); ++p) {
+      const std::vector<float> final_values(expected.begin() + offsets[p],
+                                            expected.begin() + offsets[p] +
+                                                model.params[p].num_elements());
+      EXPECT_EQ(at_report[p], final_values) << "param " << p << " was reported before it was final";
+    }
+  }
+}
+
 TEST(CpuBackendTest, BadInputsRejectedAndGradsUntouched) {
   const ModelSpec model = Parse("mlp:3-4-2", LossKind::kSoftmaxCrossEntropy);
   std::unique_ptr<GradientBackend> backend = MakeBackend(model, 4);

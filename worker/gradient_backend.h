@@ -5,6 +5,7 @@
 #define TESSERA_WORKER_GRADIENT_BACKEND_H_
 
 #include <cstdint>
+#include <functional>
 #include <string_view>
 
 #include "absl/status/statusor.h"
@@ -52,6 +53,26 @@ class GradientBackend {
   virtual absl::StatusOr<float> ComputeGradients(absl::Span<const float> params,
                                                  const Batch& batch,
                                                  absl::Span<float> grads) = 0;
+
+  // Told a parameter index (ModelSpec::params order) during
+  // ComputeGradientsReporting.
+  using GradientReadyFn = std::function<void(int param_index)>;
+
+  // ComputeGradients that also calls `ready(p)` once for each parameter p
+  // whose gradient is final before the call returns: from that moment the
+  // call neither writes p's gradient nor reads p's values again, so the
+  // caller may send the one and overwrite the other while backward goes on
+  // (the worker pushes each shard as soon as all of its parameters are
+  // ready, last layer first). Parameters never reported are final when the
+  // call returns. Bad input reports nothing. The default reports nothing
+  // early (a backend that copies gradients back only at the end).
+  virtual absl::StatusOr<float> ComputeGradientsReporting(absl::Span<const float> params,
+                                                          const Batch& batch,
+                                                          absl::Span<float> grads,
+                                                          const GradientReadyFn& ready) {
+    (void)ready;
+    return ComputeGradients(params, batch, grads);
+  }
 
   // Forward pass only, with the same validation as ComputeGradients.
   // Batches larger than the backend's max batch must be split by the caller.

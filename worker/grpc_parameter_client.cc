@@ -406,12 +406,12 @@ class ShardStream {
 };
 
 // Runs one function per shard in parallel on long-lived threads (one per
-// shard beyond the first; the caller's thread serves shard 0), so a step
-// neither creates threads nor allocates. Thread-safe for one caller.
+// shard), so a step neither creates threads nor allocates. Thread-safe for
+// one caller.
 class ShardLanes {
  public:
   explicit ShardLanes(int num_shards) : num_shards_(num_shards) {
-    for (int s = 1; s < num_shards; ++s) {
+    for (int s = 0; s < num_shards; ++s) {
       threads_.emplace_back([this, s] { Loop(s); });
     }
   }
@@ -424,37 +424,50 @@ class ShardLanes {
   }
 
   // Calls fn(s) for every shard and returns the first error by shard order.
+  // The caller's thread serves shard 0 (one hand-off fewer).
   absl::Status Run(const std::function<absl::Status(int)>& fn) {
-    std::vector<absl::Status>& results = results_;
-    results.assign(num_shards_, absl::OkStatus());
-    {
-      absl::MutexLock lock(&mu_);
-      task_ = &fn;
-      pending_ = num_shards_ - 1;
-      ++generation_;
-    }
-    results[0] = fn(0);
+    Dispatch(&fn, 1);
+    results_[0] = fn(0);
+    return Wait();
+  }
+
+  // Starts fn(s) for every shard on the lanes and returns at once; Wait()
+  // collects them. `fn` must outlive the Wait().
+  void Start(const std::function<absl::Status(int)>* fn) { Dispatch(fn, 0); }
+
+  // Waits for the shards Run or Start began; the first error by shard order.
+  absl::Status Wait() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](int* pending) { return *pending == 0; }, &pending_));
       task_ = nullptr;
     }
-    for (const absl::Status& s : results) {
+    for (const absl::Status& s : results_) {
       if (!s.ok()) return s;
     }
     return absl::OkStatus();
   }
 
  private:
+  void Dispatch(const std::function<absl::Status(int)>* fn, int first_lane) {
+    results_.assign(num_shards_, absl::OkStatus());
+    absl::MutexLock lock(&mu_);
+    task_ = fn;
+    first_lane_ = first_lane;
+    pending_ = num_shards_ - first_lane;
+    ++generation_;
+  }
+
   void Loop(int shard) {
     int64_t seen = 0;
     while (true) {
       const std::function<absl::Status(int)>* task;
       {
         absl::MutexLock lock(&mu_);
-        auto woken = [this, &seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stop_ || generation_ != seen;
+        // A lane the caller serves itself (Run's shard 0) is not woken.
+        auto woken = [this, &seen, shard]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stop_ || (generation_ != seen && shard >= first_lane_);
         };
         mu_.Await(absl::Condition(&woken));
         if (stop_) return;
@@ -473,6 +486,7 @@ class ShardLanes {
   absl::Mutex mu_;
   const std::function<absl::Status(int)>* task_ ABSL_GUARDED_BY(mu_) = nullptr;
   int64_t generation_ ABSL_GUARDED_BY(mu_) = 0;
+  int first_lane_ ABSL_GUARDED_BY(mu_) = 0;
   int pending_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   // Written by each lane for its own index only.
@@ -485,9 +499,30 @@ class GrpcParameterClient final : public ParameterClient {
                       std::vector<std::unique_ptr<ShardStream>> shards)
       : partition_(partition),
         shards_(std::move(shards)),
-        lanes_(static_cast<int>(shards_.size())),
         versions_(shards_.size()),
-        applied_(shards_.size()) {}
+        applied_(shards_.size()),
+        lanes_(static_cast<int>(shards_.size())) {
+    // Which shards hold a block of each parameter, and how many distinct
+    // parameters each shard waits for in the split form.
+    int num_params = 0;
+    for (const BlockInfo& b : partition_.blocks()) num_params = std::max(num_params, b.param_index + 1);
+    param_shards_.resize(num_params);
+    for (const BlockInfo& b : partition_.blocks()) {
+      std::vector<int>& owners = param_shards_[b.param_index];
+      if (std::find(owners.begin(), owners.end(), b.shard) == owners.end()) {
+        owners.push_back(b.shard);
+      }
+    }
+    shard_params_.assign(shards_.size(), 0);
+    for (const std::vector<int>& owners : param_shards_) {
+      for (int s : owners) ++shard_params_[s];
+    }
+    param_ready_.assign(num_params, 0);
+    shard_waiting_.assign(shards_.size(), 0);
+    split_task_ = [this](int s) { return SplitLane(s); };
+  }
+
+  ~GrpcParameterClient() override { AbortPushAndPull(); }
 
   absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) override {
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
@@ -519,10 +554,58 @@ class GrpcParameterClient final : public ParameterClient {
       applied_[s] = applied ? 1 : 0;
       return st;
     }));
-    PushPullResult r;
-    for (char a : applied_) r.not_applied += a ? 0 : 1;
-    r.version = *std::min_element(versions_.begin(), versions_.end());
-    return r;
+    return Result();
+  }
+
+  int64_t early_pushes() const override {
+    absl::MutexLock lock(&ready_mu_);
+    return early_pushes_;
+  }
+
+  absl::Status StartPushAndPull(int64_t step, absl::Span<const float> grads,
+                                absl::Span<float> params) override {
+    if (armed_) return absl::FailedPreconditionError("an exchange is already under way");
+    TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
+    TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
+    split_step_ = step;
+    split_grads_ = grads;
+    split_params_ = params;
+    {
+      absl::MutexLock lock(&ready_mu_);
+      aborted_ = false;
+      std::fill(param_ready_.begin(), param_ready_.end(), 0);
+      unready_ = static_cast<int>(param_ready_.size());
+      shard_waiting_ = shard_params_;
+    }
+    armed_ = true;
+    lanes_.Start(&split_task_);
+    return absl::OkStatus();
+  }
+
+  void MarkParamReady(int param_index) override {
+    absl::MutexLock lock(&ready_mu_);
+    MarkReadyLocked(param_index);
+  }
+
+  absl::StatusOr<PushPullResult> FinishPushAndPull() override {
+    if (!armed_) return absl::FailedPreconditionError("FinishPushAndPull without StartPushAndPull");
+    {
+      absl::MutexLock lock(&ready_mu_);
+      for (int p = 0; p < static_cast<int>(param_ready_.size()); ++p) MarkReadyLocked(p);
+    }
+    armed_ = false;
+    TESSERA_RETURN_IF_ERROR(lanes_.Wait());
+    return Result();
+  }
+
+  void AbortPushAndPull() override {
+    if (!armed_) return;
+    {
+      absl::MutexLock lock(&ready_mu_);
+      aborted_ = true;
+    }
+    armed_ = false;
+    lanes_.Wait().IgnoreError();
   }
 
  private:
@@ -534,12 +617,67 @@ class GrpcParameterClient final : public ParameterClient {
     return absl::OkStatus();
   }
 
+  PushPullResult Result() const {
+    PushPullResult r;
+    for (char a : applied_) r.not_applied += a ? 0 : 1;
+    r.version = *std::min_element(versions_.begin(), versions_.end());
+    return r;
+  }
+
+  void MarkReadyLocked(int param_index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {
+    if (param_index < 0 || param_index >= static_cast<int>(param_ready_.size()) ||
+        param_ready_[param_index]) {
+      return;
+    }
+    param_ready_[param_index] = 1;
+    --unready_;
+    for (int s : param_shards_[param_index]) --shard_waiting_[s];
+  }
+
+  // One shard's part of the split form: waits until every parameter the
+  // shard holds is ready (or the exchange is aborted), then pushes and
+  // pulls that shard.
+  absl::Status SplitLane(int s) {
+    {
+      absl::MutexLock lock(&ready_mu_);
+      auto go = [this, s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {
+        return aborted_ || shard_waiting_[s] == 0;
+      };
+      ready_mu_.Await(absl::Condition(&go));
+      if (aborted_) return absl::CancelledError("exchange aborted before this shard left");
+      if (unready_ > 0) ++early_pushes_;  // backward is still going on
+    }
+    bool applied = false;
+    absl::Status st =
+        shards_[s]->PushAndPull(split_step_, split_grads_, split_params_, &applied, &versions_[s]);
+    applied_[s] = applied ? 1 : 0;
+    return st;
+  }
+
   const Partition& partition_;
   std::vector<std::unique_ptr<ShardStream>> shards_;
-  ShardLanes lanes_;
+  // The split form's exchange (StartPushAndPull until Finish or Abort).
+  // Written by the caller before the lanes start and read by them after.
+  int64_t split_step_ = 0;
+  absl::Span<const float> split_grads_;
+  absl::Span<float> split_params_;
+  bool armed_ = false;  // the caller's only
+  std::function<absl::Status(int)> split_task_;
+  std::vector<std::vector<int>> param_shards_;  // shards holding each parameter
+  std::vector<int> shard_params_;               // distinct parameters per shard
+  mutable absl::Mutex ready_mu_;
+  std::vector<char> param_ready_ ABSL_GUARDED_BY(ready_mu_);
+  std::vector<int> shard_waiting_ ABSL_GUARDED_BY(ready_mu_);
+  bool aborted_ ABSL_GUARDED_BY(ready_mu_) = false;
+  int unready_ ABSL_GUARDED_BY(ready_mu_) = 0;  // parameters not yet ready
+  int64_t early_pushes_ ABSL_GUARDED_BY(ready_mu_) = 0;
+
   // Written by each lane for its own index only.
   std::vector<int64_t> versions_;
   std::vector<char> applied_;
+  // Declared after everything the lanes' tasks touch, so the lanes stop
+  // first when the client is destroyed.
+  ShardLanes lanes_;
 };
 
 }  // namespace

@@ -6,6 +6,7 @@
 #define TESSERA_WORKER_PARAMETER_CLIENT_H_
 
 #include <cstdint>
+#include <optional>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -38,6 +39,33 @@ class ParameterClient {
                                                      absl::Span<const float> grads,
                                                      absl::Span<float> params) = 0;
 
+  // PushAndPull in three parts, so that shards can be pushed while the
+  // gradient is still being computed. StartPushAndPull arms the exchange
+  // for `step` over `grads` and `params` (both must outlive it);
+  // MarkParamReady(p) says that parameter p's gradient is final and that
+  // the caller no longer reads parameter p's values, so a shard whose
+  // parameters are all ready may leave at once and write what it pulls
+  // into `params`; FinishPushAndPull marks every parameter ready, waits for
+  // all shards and returns what PushAndPull would. AbortPushAndPull (after
+  // a failed computation) sends nothing more, waits for the shards already
+  // under way and ends the exchange. Start begins nothing else until Finish
+  // or Abort. This default waits for Finish and then calls PushAndPull.
+  virtual absl::Status StartPushAndPull(int64_t step, absl::Span<const float> grads,
+                                        absl::Span<float> params) {
+    pending_.emplace(PendingExchange{step, grads, params});
+    return absl::OkStatus();
+  }
+  virtual void MarkParamReady(int param_index) { (void)param_index; }
+  virtual absl::StatusOr<PushPullResult> FinishPushAndPull() {
+    if (!pending_.has_value()) {
+      return absl::FailedPreconditionError("FinishPushAndPull without StartPushAndPull");
+    }
+    const PendingExchange e = *pending_;
+    pending_.reset();
+    return PushAndPull(e.step, e.grads, e.params);
+  }
+  virtual void AbortPushAndPull() { pending_.reset(); }
+
   // ASYNC/SSP: the step a (re)started worker continues from: the steps its
   // id already completed on every shard (an earlier incarnation's), as the
   // servers said when the streams opened. 0 for a fresh job or SYNC.
@@ -46,6 +74,19 @@ class ParameterClient {
   // Tensor payload bytes sent plus received so far (0 where nothing
   // travels over a wire).
   virtual int64_t payload_bytes() const { return 0; }
+
+  // Shard pushes of the split form that left while some parameter was not
+  // yet ready, i.e. while backward was still running (0 where shards are
+  // not sent separately).
+  virtual int64_t early_pushes() const { return 0; }
+
+ private:
+  struct PendingExchange {
+    int64_t step;
+    absl::Span<const float> grads;
+    absl::Span<float> params;
+  };
+  std::optional<PendingExchange> pending_;  // the default split form's
 };
 
 }  // namespace tessera

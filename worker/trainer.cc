@@ -190,7 +190,7 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"batch_size\": %d, \"duplicate_acks\": %d, "
                         "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
                         "\"top_k_fraction\": %.6g, \"overlap\": %s, \"skipped_steps\": %d, "
-                        "\"first_step\": %d}\n",
+                        "\"first_step\": %d, \"early_shard_pushes\": %d}\n",
                         s.test_loss, absl::StrJoin(val_losses, ", "),
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
@@ -200,7 +200,7 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         job.overlap() && job.consistency().mode() != tessera::v1::SYNC
                             ? "true"
                             : "false",
-                        s.skipped_steps, s.first_step);
+                        s.skipped_steps, s.first_step, s.early_shard_pushes);
   return json;
 }
 
@@ -283,9 +283,24 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     }
     WorkerBatchRows(permutation, in_epoch, options.rank, workers, batch, &rows);
     const Batch b = buffer.Gather(train, rows);
-    TESSERA_ASSIGN_OR_RETURN(const float loss,
-                             backend->ComputeGradients(cur_params, b, cur_grads));
     ParameterClient::PushPullResult exchanged;
+    float loss = 0;
+    if (options.layerwise_push && !overlap) {
+      // Each shard leaves as soon as backward is done with its parameters
+      // and writes the ones it pulls while backward goes on below.
+      TESSERA_RETURN_IF_ERROR(client->StartPushAndPull(step, cur_grads, cur_params));
+      absl::StatusOr<float> computed = backend->ComputeGradientsReporting(
+          cur_params, b, cur_grads, [client](int p) { client->MarkParamReady(p); });
+      if (!computed.ok()) {
+        client->AbortPushAndPull();
+        return computed.status();
+      }
+      loss = *computed;
+      TESSERA_ASSIGN_OR_RETURN(exchanged, client->FinishPushAndPull());
+      summary.duplicate_acks += exchanged.not_applied;
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(loss, backend->ComputeGradients(cur_params, b, cur_grads));
+    }
     if (overlap) {
       if (exchange->busy()) {
         TESSERA_ASSIGN_OR_RETURN(exchanged, exchange->Wait());
@@ -296,7 +311,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       exchange->Start(step, cur_grads, cur_params);
       std::swap(cur_params, other_params);
       std::swap(cur_grads, other_grads);
-    } else {
+    } else if (!options.layerwise_push) {
       TESSERA_ASSIGN_OR_RETURN(exchanged, client->PushAndPull(step, cur_grads, cur_params));
       summary.duplicate_acks += exchanged.not_applied;
     }
@@ -358,6 +373,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     summary.payload_bytes_per_step =
         static_cast<double>(client->payload_bytes()) / static_cast<double>(summary.steps);
   }
+  summary.early_shard_pushes = client->early_pushes();
   summary.samples_per_sec =
       summary.wall_seconds > 0 ? samples_seen / summary.wall_seconds : 0;
   if (!summary.epochs.empty()) {

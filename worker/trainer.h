@@ -41,6 +41,11 @@ struct TrainerOptions {
   // are global steps completed. Only rank 0 should get one: one log folder,
   // one set of curves.
   EventWriter* events = nullptr;
+  // Push each shard as soon as backward has finished with every parameter
+  // it holds (GradientBackend::ComputeGradientsReporting and the split
+  // ParameterClient calls) instead of after the whole backward. Same bytes,
+  // same results. Not used with JobSpec.overlap.
+  bool layerwise_push = false;
 };
 
 struct EpochStats {
@@ -56,6 +61,8 @@ struct TrainSummary {
   int64_t steps = 0;
   int64_t duplicate_acks = 0;  // pushes acknowledged without effect
   double payload_bytes_per_step = 0;  // tensor bytes pushed + pulled per step
+  // Shard pushes that left before backward ended (TrainerOptions.layerwise_push).
+  int64_t early_shard_pushes = 0;
   int64_t skipped_steps = 0;  // SYNC: steps the others finished while we were cut off
   int64_t first_step = 0;     // where this run began (a rejoining worker's resume point)
   double wall_seconds = 0;

@@ -267,6 +267,7 @@ int main(int argc, char** argv) {
   options.out = &std::cout;
   options.progress_bar = rank == 0 && isatty(STDOUT_FILENO);
   options.events = events.get();
+  options.layerwise_push = tessera::LayerwisePushFromFlags();
   options.on_step = [&heartbeat, &worker_metrics](int64_t step, int epoch, double loss) {
     heartbeat.Update(step + 1, epoch, loss);
     if (worker_metrics != nullptr) worker_metrics->Step(step, epoch, loss);
