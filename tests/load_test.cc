@@ -134,7 +134,7 @@ class LoadTest : public ::testing::Test {
 };
 
 TEST_F(LoadTest, SustainedPushPullKeepsMemoryAndDescriptorsFlat) {
-  int seconds = 20;
+  int seconds = 40;
   if (const char* env = std::getenv("TESSERA_LOAD_SECONDS")) absl::SimpleAtoi(env, &seconds);
   constexpr int kStreams = 4;
   std::atomic<bool> stop{false};
