@@ -17,7 +17,7 @@ Tessera/DDP throughput ratio) and writes the figures, every run's, and a
 description of the machine as JSON.
 
 Usage (from the repository root):
-  python3 bench/fmnist_vs_ddp.py [--build_dir=build] [--epochs=3] [--seeds=3]
+  python3 bench/fmnist_vs_ddp.py [--build_dir=build] [--epochs=3] [--seeds=5]
                                  [--out=bench/results/fmnist_vs_ddp.json]
 """
 
@@ -381,7 +381,7 @@ def main():
                         help="folder with the gzipped Fashion-MNIST IDX files")
     parser.add_argument("--timeout_s", type=float, default=3600,
                         help="limit for each Tessera run")
-    parser.add_argument("--seeds", type=int, default=3,
+    parser.add_argument("--seeds", type=int, default=5,
                         help="runs per system, each with its own seed")
     args = parser.parse_args()
     if args.epochs < 1:

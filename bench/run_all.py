@@ -315,7 +315,8 @@ def run_binary(cmd, out_path, merge_stdout=False, name=None):
 def run_e2e(args):
     out = os.path.join(args.results_dir, "fmnist_vs_ddp.json")
     cmd = ["/usr/bin/python3", os.path.join(REPO_ROOT, "bench", "fmnist_vs_ddp.py"),
-           f"--build_dir={args.build_dir}", f"--epochs={args.e2e_epochs}", f"--out={out}"]
+           f"--build_dir={args.build_dir}", f"--epochs={args.e2e_epochs}",
+           f"--seeds={args.e2e_seeds}", f"--out={out}"]
     return run_binary(cmd, out, merge_stdout=True, name="fmnist_vs_ddp.py")
 
 
@@ -1033,6 +1034,8 @@ def main():
     parser.add_argument("--apply_reps", type=int, default=20)
     parser.add_argument("--iperf_seconds", type=int, default=5)
     parser.add_argument("--e2e_epochs", type=int, default=3)
+    parser.add_argument("--e2e_seeds", type=int, default=5,
+                        help="e2e runs per system, each with its own seed")
     parser.add_argument("--scaling_workers", default="1,2,4")
     parser.add_argument("--scaling_epochs", type=int, default=6,
                         help="epochs per scaling run (about 10 s each on 2 cores)")
@@ -1050,7 +1053,8 @@ def main():
     if args.quick:
         args.transport_rounds, args.transport_round_mib = 3, 128
         args.apply_reps, args.iperf_seconds = 5, 2
-        args.e2e_epochs, args.scaling_epochs, args.scaling_repeats = 1, 1, 1
+        args.e2e_epochs, args.e2e_seeds = 1, 1
+        args.scaling_epochs, args.scaling_repeats = 1, 1
         args.quiet_wait_s = 5
     stages = [s for s in (args.only.split(",") if args.only else STAGES) if s]
     for s in stages:
