@@ -294,7 +294,9 @@ TEST(CpuBackendTest, ReportedParametersAreFinalAndNoLongerRead) {
     const int last_weight = static_cast<int>(model.params.size()) - 2;
     const auto pos = [&](int p) { return std::find(order.begin(), order.end(), p) - order.begin(); };
     EXPECT_LT(pos(last_weight + 1), pos(0));
-    if (last_weight > 0) EXPECT_LT(pos(last_weight), pos(0));
+    if (last_weight > 0) {
+      EXPECT_LT(pos(last_weight), pos(0));
+    }
     for (size_t p = 0; p < model.params.size(); ++p) {
       const std::vector<float> final_values(expected.begin() + offsets[p],
                                             expected.begin() + offsets[p] +
