@@ -546,6 +546,8 @@ TEST(SplitPushTest, EachShardLeavesWhenItsParametersAreReady) {
   ASSERT_TRUE((*client)->StartPushAndPull(0, grads, absl::MakeSpan(params)).ok());
   EXPECT_EQ((*client)->StartPushAndPull(0, grads, absl::MakeSpan(params)).code(),
             absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*client)->Pull(0, absl::MakeSpan(params)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
   absl::SleepFor(absl::Milliseconds(300));
   EXPECT_EQ(stats(0).pushes_applied(), 0);
   EXPECT_EQ(stats(1).pushes_applied(), 0);

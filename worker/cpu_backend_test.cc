@@ -292,7 +292,9 @@ TEST(CpuBackendTest, ReportedParametersAreFinalAndNoLongerRead) {
     for (size_t p = 0; p < all.size(); ++p) all[p] = static_cast<int>(p);
     EXPECT_EQ(sorted, all);
     const int last_weight = static_cast<int>(model.params.size()) - 2;
-    const auto pos = [&](int p) { return std::find(order.begin(), order.end(), p) - order.begin(); };
+    const auto pos = [&](int p) {
+      return std::find(order.begin(), order.end(), p) - order.begin();
+    };
     EXPECT_LT(pos(last_weight + 1), pos(0));
     if (last_weight > 0) {
       EXPECT_LT(pos(last_weight), pos(0));

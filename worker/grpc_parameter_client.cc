@@ -505,7 +505,9 @@ class GrpcParameterClient final : public ParameterClient {
     // Which shards hold a block of each parameter, and how many distinct
     // parameters each shard waits for in the split form.
     int num_params = 0;
-    for (const BlockInfo& b : partition_.blocks()) num_params = std::max(num_params, b.param_index + 1);
+    for (const BlockInfo& b : partition_.blocks()) {
+      num_params = std::max(num_params, b.param_index + 1);
+    }
     param_shards_.resize(num_params);
     for (const BlockInfo& b : partition_.blocks()) {
       std::vector<int>& owners = param_shards_[b.param_index];
@@ -525,6 +527,7 @@ class GrpcParameterClient final : public ParameterClient {
   ~GrpcParameterClient() override { AbortPushAndPull(); }
 
   absl::StatusOr<int64_t> Pull(int64_t step, absl::Span<float> params) override {
+    TESSERA_RETURN_IF_ERROR(CheckIdle());
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
     TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
       return shards_[s]->Pull(step, params, &versions_[s]);
@@ -546,6 +549,7 @@ class GrpcParameterClient final : public ParameterClient {
 
   absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
                                              absl::Span<float> params) override {
+    TESSERA_RETURN_IF_ERROR(CheckIdle());
     TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
     TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
@@ -564,7 +568,7 @@ class GrpcParameterClient final : public ParameterClient {
 
   absl::Status StartPushAndPull(int64_t step, absl::Span<const float> grads,
                                 absl::Span<float> params) override {
-    if (armed_) return absl::FailedPreconditionError("an exchange is already under way");
+    TESSERA_RETURN_IF_ERROR(CheckIdle());
     TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
     split_step_ = step;
@@ -613,6 +617,15 @@ class GrpcParameterClient final : public ParameterClient {
     if (static_cast<int64_t>(n) != partition_.total_elements()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "buffer has ", n, " elements, the model has ", partition_.total_elements()));
+    }
+    return absl::OkStatus();
+  }
+
+  // The split form's lanes own the streams until Finish or Abort.
+  absl::Status CheckIdle() const {
+    if (armed_) {
+      return absl::FailedPreconditionError(
+          "an exchange begun with StartPushAndPull is under way (finish or abort it first)");
     }
     return absl::OkStatus();
   }

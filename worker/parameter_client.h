@@ -48,8 +48,9 @@ class ParameterClient {
   // into `params`; FinishPushAndPull marks every parameter ready, waits for
   // all shards and returns what PushAndPull would. AbortPushAndPull (after
   // a failed computation) sends nothing more, waits for the shards already
-  // under way and ends the exchange. Start begins nothing else until Finish
-  // or Abort. This default waits for Finish and then calls PushAndPull.
+  // under way and ends the exchange. Between Start and Finish or Abort,
+  // other calls fail with kFailedPrecondition (the gRPC client's). This
+  // default waits for Finish and then calls PushAndPull.
   virtual absl::Status StartPushAndPull(int64_t step, absl::Span<const float> grads,
                                         absl::Span<float> params) {
     pending_.emplace(PendingExchange{step, grads, params});
