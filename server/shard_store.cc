@@ -298,7 +298,8 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
       // step go too: that step had completed before the restart (the
       // worker pushing ahead saw it), and waiting for pushes that will not
       // come again would hang its contributors.
-      if (step > step_ && recovering_ && !applying_ && accumulating_ == 0) {
+      // (The wait above left no step being summed or applied.)
+      if (step > step_ && recovering_) {
         if (!contributed_.empty()) {
           for (Block* b : owned_) {
             absl::MutexLock block_lock(&b->mu);

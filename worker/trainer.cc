@@ -251,6 +251,8 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
   // exchange. The two parameter and gradient buffers alternate: compute
   // reads one pair while the exchange writes the other.
   const bool overlap = job.overlap() && !sync;
+  // Layer-wise pushes (TrainerOptions.layerwise_push) only without overlap.
+  const bool layerwise = options.layerwise_push && !overlap;
   AlignedVector<float> params_b, grads_b;
   std::optional<BackgroundExchange> exchange;
   absl::Span<float> cur_params = absl::MakeSpan(params), cur_grads = absl::MakeSpan(grads);
@@ -285,7 +287,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     const Batch b = buffer.Gather(train, rows);
     ParameterClient::PushPullResult exchanged;
     float loss = 0;
-    if (options.layerwise_push && !overlap) {
+    if (layerwise) {
       // Each shard leaves as soon as backward is done with its parameters
       // and writes the ones it pulls while backward goes on below.
       TESSERA_RETURN_IF_ERROR(client->StartPushAndPull(step, cur_grads, cur_params));
@@ -298,10 +300,8 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       loss = *computed;
       TESSERA_ASSIGN_OR_RETURN(exchanged, client->FinishPushAndPull());
       summary.duplicate_acks += exchanged.not_applied;
-    } else {
+    } else if (overlap) {
       TESSERA_ASSIGN_OR_RETURN(loss, backend->ComputeGradients(cur_params, b, cur_grads));
-    }
-    if (overlap) {
       if (exchange->busy()) {
         TESSERA_ASSIGN_OR_RETURN(exchanged, exchange->Wait());
         summary.duplicate_acks += exchanged.not_applied;
@@ -311,7 +311,8 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       exchange->Start(step, cur_grads, cur_params);
       std::swap(cur_params, other_params);
       std::swap(cur_grads, other_grads);
-    } else if (!options.layerwise_push) {
+    } else {
+      TESSERA_ASSIGN_OR_RETURN(loss, backend->ComputeGradients(cur_params, b, cur_grads));
       TESSERA_ASSIGN_OR_RETURN(exchanged, client->PushAndPull(step, cur_grads, cur_params));
       summary.duplicate_acks += exchanged.not_applied;
     }
