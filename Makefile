@@ -67,7 +67,7 @@ seed: build
 # PyTorch DDP): transport, apply, end-to-end and scaling. Writes
 # bench/results/ (report.md, results.json, PNG plots) and prints a summary.
 # BENCH_FLAGS="--profile" adds a perf profile; "--quick" is a smoke test.
-BENCH_PACKAGES := iperf3 gnuplot-nox libopenblas0-pthread
+BENCH_PACKAGES := iperf3 gnuplot-nox libopenblas0-pthread python3-torch
 BENCH_FLAGS ?=
 bench: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="$(BENCH_PACKAGES)"
