@@ -61,6 +61,7 @@
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
+#include "common/session_stream.h"
 #include "common/shared_region.h"
 #include "common/subprocess.h"
 #include "common/tensor_codec.h"
@@ -73,6 +74,9 @@ ABSL_FLAG(int32_t, rounds, 7, "Timed rounds per size and direction; the median i
 ABSL_FLAG(int64_t, round_mib, 512,
           "Payload per timed round in MiB (at least 4 operations per round).");
 ABSL_FLAG(int64_t, block_bytes, 4 << 20, "job.block_bytes of the benchmark job.");
+ABSL_FLAG(int64_t, stream_part_bytes, 4 << 20,
+          "Pushes and pulled parameters on the stream go in parts of at least this many "
+          "payload bytes (whole blocks; 0: one message each), as workers exchange them.");
 ABSL_FLAG(bool, noop_baseline, true,
           "Also run the loops against the no-op gRPC server (gRPC + protobuf floor).");
 ABSL_FLAG(std::string, directions, "push,pull", "Which loops to time: push, pull or both.");
@@ -307,14 +311,14 @@ class BenchClient {
     args.SetMaxSendMessageSize(-1);
     channel_ = grpc::CreateCustomChannel(target,
                                          grpc::InsecureChannelCredentials(), args);
-    stub_ = tessera::v1::ParameterService::NewStub(channel_);
-    stream_ = stub_->Session(&ctx_);
+    stream_ = std::make_unique<SessionStream>(channel_, &ctx_);
     ClientMessage hello;
     hello.set_request_id(++id_);
     hello.mutable_hello()->set_worker_id(0);
     hello.mutable_hello()->set_incarnation(1);
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
+    hello.mutable_hello()->set_reply_part_bytes(absl::GetFlag(FLAGS_stream_part_bytes));
     if (shared_memory) {
       const uint64_t bytes =
           SharedAreaBytes(partition.shard_bytes(0), partition.shard_blocks(0).size());
@@ -361,6 +365,14 @@ class BenchClient {
     push->set_step(step_++);
     push->set_return_parameters(false);
     uint64_t used = 0;
+    // As the worker does: into the region when there is one, else into a
+    // buffer that gRPC sends from without a serialisation copy.
+    absl::Span<char> lent;
+    if (region_ == nullptr) {
+      lent = serializer_.Allocate(payload_bytes_ + 64 * ids.size());
+      zero_copy_.resize(ids.size());
+      lent_.resize(ids.size());
+    }
     for (size_t i = 0; i < ids.size(); ++i) {
       const BlockInfo& b = partition_.blocks()[ids[i]];
       tessera::v1::TensorBlock* tb = static_cast<int>(i) < push->blocks_size()
@@ -370,13 +382,30 @@ class BenchClient {
       tb->set_dtype(tessera::v1::F32);
       const absl::Span<const float> g =
           absl::MakeConstSpan(grads_).subspan(b.flat_offset, b.num_elements);
-      // As the worker does: into the region when there is one.
-      EncodeBlockPayload(tessera::v1::F32, g,
-                         region_ != nullptr ? region_->request_area() : absl::Span<char>(),
-                         &used, tb);
+      if (region_ != nullptr) {
+        EncodeBlockPayload(tessera::v1::F32, g, region_->request_area(), &used, tb);
+      } else {
+        // Encoded part by part as the push is written, as workers do.
+        const absl::Span<char> out = lent.subspan(used, g.size() * sizeof(float));
+        used = AlignPayload(used + out.size());
+        zero_copy_[i] = absl::string_view(out.data(), out.size());
+        lent_[i] = {g, out};
+        tb->clear_data();
+      }
     }
     const auto t1 = Clock::now();
-    if (!stream_->Write(push_)) return Fail("push: stream closed on write");
+    bool written;
+    if (region_ != nullptr) {
+      written = stream_->Write(push_);
+    } else {
+      written = stream_->WritePush(push_, zero_copy_, &serializer_,
+                                   absl::GetFlag(FLAGS_stream_part_bytes), [this](int b, int e) {
+                                     for (int i = b; i < e; ++i) {
+                                       EncodeTo(tessera::v1::F32, lent_[i].first, lent_[i].second);
+                                     }
+                                   });
+    }
+    if (!written) return Fail("push: stream closed on write");
     const auto t2 = Clock::now();
     if (!stream_->Read(&reply_)) return Fail("push: stream closed on read");
     const auto t3 = Clock::now();
@@ -394,9 +423,25 @@ class BenchClient {
     pull_.mutable_pull()->set_step(0);
     if (!stream_->Write(pull_)) return Fail("pull: stream closed on write");
     const auto t1 = Clock::now();
-    if (!stream_->Read(&reply_)) return Fail("pull: stream closed on read");
+    // In parts (as workers take them), each decoded while the next comes:
+    // the decoding of all but the last part counts as read time.
+    while (true) {
+      if (!stream_->Read(&reply_)) return Fail("pull: stream closed on read");
+      if (reply_.code() != 0) return Fail("pull: " + reply_.message());
+      if (!reply_.pull().more_parts()) break;
+      if (!DecodeReply()) return false;
+    }
     const auto t2 = Clock::now();
-    if (reply_.code() != 0) return Fail("pull: " + reply_.message());
+    if (!DecodeReply()) return false;
+    const auto t3 = Clock::now();
+    ph->write += Seconds(t1 - t0);
+    ph->read += Seconds(t2 - t1);
+    ph->encode += Seconds(t3 - t2);
+    return true;
+  }
+
+ private:
+  bool DecodeReply() {
     for (const tessera::v1::TensorBlock& tb : reply_.pull().blocks()) {
       const BlockInfo& b = partition_.blocks()[tb.block_id()];
       absl::StatusOr<absl::string_view> payload = BlockPayload(
@@ -406,14 +451,9 @@ class BenchClient {
                                  absl::MakeSpan(params_).subspan(b.flat_offset, b.num_elements));
       if (!s.ok()) return Fail("pull: " + std::string(s.message()));
     }
-    const auto t3 = Clock::now();
-    ph->write += Seconds(t1 - t0);
-    ph->read += Seconds(t2 - t1);
-    ph->encode += Seconds(t3 - t2);
     return true;
   }
 
- private:
   bool Fail(const std::string& what) {
     error_ = what;
     return false;
@@ -421,9 +461,11 @@ class BenchClient {
 
   const Partition& partition_;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
   grpc::ClientContext ctx_;
-  std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  std::unique_ptr<SessionStream> stream_;
+  PushSerializer serializer_;
+  std::vector<absl::string_view> zero_copy_;
+  std::vector<std::pair<absl::Span<const float>, absl::Span<char>>> lent_;
   ClientMessage push_;
   ClientMessage pull_;
   ServerMessage reply_;

@@ -46,6 +46,11 @@ ABSL_FLAG(bool, layerwise_push, false,
           "on, instead of after the whole backward. Same bytes, same results. Works at "
           "shard granularity: a shard holding a block of the first layer waits for the "
           "whole backward. Not used with --overlap.");
+ABSL_FLAG(std::optional<int64_t>, stream_part_bytes, std::nullopt,
+          "Workers: pushes and pulled parameters on the gRPC stream (no shared memory) "
+          "travel in parts of whole blocks of at least this many bytes, so that one "
+          "end works on a part while the next is on its way (default 4194304; 0: one "
+          "message each).");
 ABSL_FLAG(std::optional<int32_t>, epochs, std::nullopt, "Override job.epochs.");
 ABSL_FLAG(std::optional<int32_t>, batch_size, std::nullopt,
           "Override job.batch_size (samples per worker per step).");
@@ -197,6 +202,15 @@ bool SharedMemoryFromFlags() { return absl::GetFlag(FLAGS_shared_memory); }
 
 bool LayerwisePushFromFlags() { return absl::GetFlag(FLAGS_layerwise_push); }
 
+absl::StatusOr<int64_t> StreamPartBytesFromFlags(int64_t default_bytes) {
+  const int64_t v = absl::GetFlag(FLAGS_stream_part_bytes).value_or(default_bytes);
+  if (v < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--stream_part_bytes: must be 0 (one message) or positive, got ", v));
+  }
+  return v;
+}
+
 std::vector<std::string> ForwardedSecurityFlags() {
   std::vector<std::string> out;
   const SecurityFiles f = SecurityFilesFromFlags();
@@ -226,6 +240,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
   Forward(FLAGS_tcp_rto_min_us, "tcp_rto_min_us", &out);
+  Forward(FLAGS_stream_part_bytes, "stream_part_bytes", &out);
   if (!absl::GetFlag(FLAGS_shared_memory)) out.push_back("--shared_memory=false");
   if (absl::GetFlag(FLAGS_layerwise_push)) out.push_back("--layerwise_push=true");
   if (const std::optional<bool> v = OverlapOverride()) {

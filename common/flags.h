@@ -42,13 +42,17 @@ bool SharedMemoryFromFlags();
 // --layerwise_push (workers).
 bool LayerwisePushFromFlags();
 
+// --stream_part_bytes (workers), or `default_bytes` when not given;
+// kInvalidArgument naming the flag when negative.
+absl::StatusOr<int64_t> StreamPartBytesFromFlags(int64_t default_bytes);
+
 // The given security flags as arguments, for child processes.
 std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
 // child processes so that every process computes the same job; also
-// --tcp_rto_min_us when given, --shared_memory=false and
-// --layerwise_push=true.
+// --tcp_rto_min_us and --stream_part_bytes when given, --shared_memory=false
+// and --layerwise_push=true.
 std::vector<std::string> ForwardedJobFlags();
 
 // Writes `port` and a newline to `path` through a temporary file and a

@@ -144,7 +144,28 @@ ClientMessage SparsePush(int64_t step, float value) {
   return m;
 }
 
+// Blocks [begin, end) of `push` as one part (PushRequest.more_parts).
+ClientMessage Part(const ClientMessage& push, int begin, int end, bool more) {
+  ClientMessage m = push;
+  auto* blocks = m.mutable_push()->mutable_blocks();
+  end = std::min(end, blocks->size());
+  blocks->DeleteSubrange(end, blocks->size() - end);
+  blocks->DeleteSubrange(0, std::min(begin, blocks->size()));
+  m.mutable_push()->set_more_parts(more);
+  return m;
+}
+
 void PushSeeds(const std::string& dir) {
+  const ClientMessage whole = Push(0, 0.5f, true);
+  Write(dir, "sync-step-in-parts", PushSeed(tessera::v1::SYNC)
+                                       .Send(0, 1, Hello(0, 1))
+                                       .Send(1, 1, Hello(1, 1))
+                                       .Send(0, 1, Part(whole, 0, 1, true))
+                                       .Send(0, 1, Part(whole, 1, 100, false))
+                                       .Send(1, 1, Part(whole, 0, 1, true))
+                                       .Send(1, 1, Pull(1))
+                                       .Send(1, 1, Push(0, -0.25f, true))
+                                       .bytes());
   Write(dir, "sync-step", PushSeed(tessera::v1::SYNC)
                               .Send(0, 1, Hello(0, 1))
                               .Send(1, 1, Hello(1, 1))

@@ -1,6 +1,8 @@
 // Fuzzes what the Session handler (server/parameter_service.cc) does with
-// the messages on a stream: each ClientMessage is parsed from the wire bytes
-// and dispatched to a ShardStore as the handler does (Hello -> Connect,
+// the messages on a stream: each ClientMessage is parsed from the wire bytes,
+// offered to the worker's PushPartGatherer (pushes in parts are gathered
+// until their last part), and dispatched to a ShardStore as the handler
+// does (Hello -> Connect,
 // push -> Push, then Pull of step + 1 when it asks for parameters, pull ->
 // Pull; pulls here with a zero timeout), plus stream ends (Disconnect).
 //
@@ -8,7 +10,8 @@
 // 16-byte blocks, two workers, shard 0 of two, Adam). Then up to 64 records:
 //   [ctl] [len] [len bytes: a serialized tessera.v1.ClientMessage]
 // ctl bits 0-1: worker id - 1 (so -1..2; only 0 and 1 exist), bits 2-3: the
-// incarnation, bits 6-7 == 3: a Disconnect instead (no len, no bytes).
+// incarnation, bits 6-7 == 3: a Disconnect instead (no len, no bytes; it
+// also ends that worker's stream, so a push half sent in parts is dropped).
 // A store is made per input, so every crash replays from its input alone.
 //
 // Invariants: no crash or sanitizer report; a rejected push (or one
@@ -30,6 +33,7 @@
 #include "common/shared_region.h"
 #include "fuzz/fuzz_util.h"
 #include "proto/tessera.pb.h"
+#include "server/push_parts.h"
 #include "server/shard_store.h"
 
 namespace tessera::fuzz {
@@ -64,6 +68,9 @@ class Session {
       owned_elements_ += store_->partition().blocks()[id].num_elements;
     }
   }
+
+  int owned_blocks() const { return owned_blocks_; }
+  int64_t shard_bytes() const { return store_->partition().shard_bytes(kShard); }
 
   void Connect(int worker, int64_t incarnation) {
     store_->Connect(worker, incarnation).IgnoreError();
@@ -172,22 +179,42 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
   Session session((data[0] & 1) ? tessera::v1::ASYNC : tessera::v1::SYNC);
   size_t pos = 1;
-  tessera::v1::ClientMessage message;
+  tessera::v1::ClientMessage read;
   std::vector<absl::string_view> payloads;
+  // One stream per worker id (-1..2), with the handler's limits.
+  auto new_gatherer = [&session] {
+    return std::make_unique<tessera::PushPartGatherer>(session.owned_blocks(),
+                                                       2 * session.shard_bytes() + (1 << 20));
+  };
+  std::unique_ptr<tessera::PushPartGatherer> gatherers[4];
+  for (auto& g : gatherers) g = new_gatherer();
   for (int record = 0; record < tessera::fuzz::kMaxRecords && pos < size; ++record) {
     const uint8_t ctl = data[pos++];
     const int worker = static_cast<int>(ctl & 3) - 1;
     const int64_t incarnation = (ctl >> 2) & 3;
     if ((ctl >> 6) == 3) {
       session.Disconnect(worker, incarnation);
+      gatherers[worker + 1] = new_gatherer();
       continue;
     }
     if (pos >= size) break;
     size_t len = data[pos++];
     if (len > size - pos) len = size - pos;
-    const bool parsed = message.ParseFromArray(data + pos, static_cast<int>(len));
+    const bool parsed = read.ParseFromArray(data + pos, static_cast<int>(len));
     pos += len;
     if (!parsed) continue;  // gRPC fails the stream's Read on such bytes
+    const tessera::v1::ClientMessage* handle = nullptr;
+    absl::Status refused;
+    const tessera::PushPartGatherer::Action action =
+        gatherers[worker + 1]->Offer(&read, &handle, &refused);
+    if (action == tessera::PushPartGatherer::Action::kRefuse) {
+      tessera::fuzz::Check(refused.code() == absl::StatusCode::kInvalidArgument,
+                           "a refused part with another status than INVALID_ARGUMENT");
+    }
+    if (action != tessera::PushPartGatherer::Action::kHandle) continue;  // nothing reaches the store
+    tessera::fuzz::Check(!handle->push().more_parts(),
+                         "a push handled while it says more parts follow");
+    const tessera::v1::ClientMessage& message = *handle;
     // As the Session handler does: a push's payloads are resolved, inline or
     // in the stream's shared-memory region (here a fixed buffer), and the
     // store reads them through the views.

@@ -9,6 +9,7 @@
 #include "common/grpc_status.h"
 #include "common/protocol.h"
 #include "common/shared_region.h"
+#include "server/push_parts.h"
 
 namespace tessera {
 namespace {
@@ -31,6 +32,53 @@ double PayloadBytes(const google::protobuf::RepeatedPtrField<tessera::v1::Tensor
   double bytes = 0;
   for (const tessera::v1::TensorBlock& b : blocks) bytes += b.data().size() + b.shm_size();
   return bytes;
+}
+
+// Writes `reply`; one carrying parameters goes in parts of whole blocks of
+// at least `part_bytes` payload bytes (PullResult.more_parts) when
+// part_bytes > 0 and it is larger. `part` is reused working space; the
+// blocks' buffers go back to `reply` after each part, so both keep their
+// capacity. False when the stream is broken.
+bool WriteReply(grpc::ServerReaderWriter<ServerMessage, ClientMessage>* stream,
+                ServerMessage* reply, int64_t part_bytes, ServerMessage* part) {
+  const int n = reply->has_pull() ? reply->pull().blocks_size() : 0;
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) total += static_cast<int64_t>(reply->pull().blocks(i).data().size());
+  if (part_bytes <= 0 || reply->code() != 0 || total <= part_bytes) return stream->Write(*reply);
+  part->set_request_id(reply->request_id());
+  part->set_code(0);
+  part->clear_message();
+  if (reply->has_push()) {
+    *part->mutable_push() = reply->push();
+  } else {
+    part->clear_push();
+  }
+  part->mutable_pull()->set_version(reply->pull().version());
+  auto* from = reply->mutable_pull()->mutable_blocks();
+  auto* to = part->mutable_pull()->mutable_blocks();
+  to->Clear();
+  int first = 0;
+  int64_t bytes = 0;
+  for (int i = 0; i < n; ++i) {
+    tessera::v1::TensorBlock& b = (*from)[i];
+    tessera::v1::TensorBlock* out = to->Add();
+    out->set_block_id(b.block_id());
+    out->set_dtype(b.dtype());
+    out->mutable_data()->swap(*b.mutable_data());
+    bytes += static_cast<int64_t>(out->data().size());
+    const bool last = i + 1 == n;
+    if (!last && bytes < part_bytes) continue;
+    part->mutable_pull()->set_more_parts(!last);
+    const bool ok = stream->Write(*part);
+    for (int j = 0; j < to->size(); ++j) {
+      (*from)[first + j].mutable_data()->swap(*(*to)[j].mutable_data());
+    }
+    to->Clear();
+    first = i + 1;
+    bytes = 0;
+    if (!ok) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -126,6 +174,14 @@ grpc::Status ParameterServiceImpl::Session(
   const absl::Span<char> reply_area =
       region != nullptr ? region->reply_area() : absl::Span<char>();
   std::vector<absl::string_view> payloads;  // of the push being handled
+  // Parameters on the stream go in parts when the worker asked for them.
+  const int64_t reply_part_bytes = region == nullptr ? hello.reply_part_bytes() : 0;
+  ServerMessage reply_part;
+  // Pushes in parts: at most every block of the shard, each at most F32
+  // dense plus its indices (the store checks the exact sizes).
+  PushPartGatherer parts(
+      static_cast<int>(store_->partition().shard_blocks(store_->shard()).size()),
+      2 * store_->partition().shard_bytes(store_->shard()) + (int64_t{1} << 20));
 
   // Messages are reused for the life of the stream so that their byte
   // buffers keep their capacity from one step to the next.
@@ -143,16 +199,33 @@ grpc::Status ParameterServiceImpl::Session(
     reply.set_code(0);
     reply.clear_message();
     reply.clear_push();
+    // A push sent in parts is handled once, when its last part is in.
+    const ClientMessage* r = nullptr;
+    absl::Status refused;
+    switch (parts.Offer(&request, &r, &refused)) {
+      case PushPartGatherer::Action::kWait:
+      case PushPartGatherer::Action::kDrop:
+        continue;
+      case PushPartGatherer::Action::kRefuse:
+        store_->CountRejected();
+        reply.clear_pull();
+        SetError(refused, &reply);
+        ok = stream->Write(reply);
+        continue;
+      case PushPartGatherer::Action::kHandle:
+        break;
+    }
+    const ClientMessage& req = *r;
     // A push's payloads are read where they lie (inline or in the region,
     // without a copy); a bad range is refused like any bad block.
-    const absl::Status resolved = request.has_push()
-                                      ? ResolvePayloads(request.push().blocks(), request_area, &payloads)
+    const absl::Status resolved = req.has_push()
+                                      ? ResolvePayloads(req.push().blocks(), request_area, &payloads)
                                       : absl::OkStatus();
-    switch (resolved.ok() ? KindOf(request) : RequestKind::kNone) {
+    switch (resolved.ok() ? KindOf(req) : RequestKind::kNone) {
       case RequestKind::kPush: {
         const absl::Time start = absl::Now();
         absl::StatusOr<PushOutcome> outcome =
-            store_->Push(worker, incarnation, request.push(), payloads);
+            store_->Push(worker, incarnation, req.push(), payloads);
         if (metrics_ != nullptr) {
           metrics_->Push(!outcome.ok() ? "rejected" : outcome->applied ? "applied" : "duplicate",
                          absl::ToDoubleSeconds(absl::Now() - start),
@@ -166,21 +239,21 @@ grpc::Status ParameterServiceImpl::Session(
         }
         if (outcome->fast_forwarded > 0) {
           std::cerr << "tessera-server: shard " << store_->shard() << " fast-forwarded "
-                    << outcome->fast_forwarded << " steps to step " << request.push().step()
+                    << outcome->fast_forwarded << " steps to step " << req.push().step()
                     << " to rejoin its workers (those updates are lost on this shard)"
                     << std::endl;
         }
         reply.mutable_push()->set_applied(outcome->applied);
         reply.mutable_push()->set_detail(outcome->detail);
-        if (request.push().return_parameters()) {
-          Pull(request.push().step() + 1, reply_area, &reply);
+        if (req.push().return_parameters()) {
+          Pull(req.push().step() + 1, reply_area, &reply);
         } else {
           reply.clear_pull();
         }
         break;
       }
       case RequestKind::kPull:
-        Pull(request.pull().step(), reply_area, &reply);
+        Pull(req.pull().step(), reply_area, &reply);
         break;
       case RequestKind::kSeveral:
         store_->CountRejected();
@@ -198,7 +271,7 @@ grpc::Status ParameterServiceImpl::Session(
                                : resolved,
                  &reply);
     }
-    ok = stream->Write(reply);
+    ok = WriteReply(stream, &reply, reply_part_bytes, &reply_part);
   }
   store_->Disconnect(worker, incarnation);
   if (context->IsCancelled()) {

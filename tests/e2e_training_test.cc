@@ -213,6 +213,33 @@ TEST_F(FashionMnistTest, LayerwisePushLeavesEarlyAndChangesNothing) {
   EXPECT_GT(moved / whole.size(), 1e-3);
 }
 
+// Without shared memory, pushes go on the stream with their payloads as
+// slices of the buffer they were encoded into (common/session_stream.h),
+// here in parts of one 256 KiB block that the server gathers; with it,
+// through the region, in one message. The server must read the same
+// numbers both ways: 25 synchronous steps end bit-identical, in F32 and in
+// BF16.
+TEST_F(FashionMnistTest, StreamAndSharedMemoryPathsGiveIdenticalParameters) {
+  for (const std::string dtype : {"f32", "bf16"}) {
+    auto run = [&](bool shm) {
+      const std::string dump = dir_ + "/" + dtype + (shm ? "-shm" : "-stream") + ".f32";
+      const std::string summary =
+          Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
+                 "--wire_dtype=" + dtype, "--stream_part_bytes=1",
+                 absl::StrCat("--shared_memory=", shm ? "true" : "false")});
+      return std::make_pair(ReadFloats(dump), JsonNumber(summary, "payload_bytes_per_step"));
+    };
+    const auto [stream, stream_bytes] = run(false);
+    const auto [shm, shm_bytes] = run(true);
+    ASSERT_EQ(stream.size(), 235146u) << dtype;
+    EXPECT_TRUE(stream == shm) << dtype << ": the stream path changed the parameters";
+    EXPECT_EQ(stream_bytes, shm_bytes) << dtype;
+    double moved = 0;
+    for (float v : stream) moved += std::abs(v);
+    EXPECT_GT(moved, 0) << dtype;
+  }
+}
+
 TEST(SeedJobTest, PrintsTenEpochsAndValLossFalls) {
   const std::string dir = NewTempDir("seed");
   RunResult r = RunProgram({Bin("tessera"), "local",

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 
 #include "absl/time/clock.h"
 #include "common/job_spec.h"
@@ -105,7 +106,8 @@ class Session {
  public:
   // With `region`, the Hello offers it (the nonce may be overridden).
   Session(tessera::v1::ParameterService::Stub* stub, uint64_t job_hash, int64_t incarnation,
-          const SharedRegion* region = nullptr, const std::string* nonce = nullptr) {
+          const SharedRegion* region = nullptr, const std::string* nonce = nullptr,
+          int64_t reply_part_bytes = 0) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     stream_ = stub->Session(&ctx_);
     ClientMessage hello;
@@ -113,6 +115,7 @@ class Session {
     hello.mutable_hello()->set_incarnation(incarnation);
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
+    hello.mutable_hello()->set_reply_part_bytes(reply_part_bytes);
     if (region != nullptr) {
       hello.mutable_hello()->set_shm_name(region->name());
       hello.mutable_hello()->set_shm_size(region->size());
@@ -129,6 +132,12 @@ class Session {
     m.set_request_id(++id_);
     return stream_->Write(m) && stream_->Read(reply);
   }
+  // Writes `m` with the id given (parts of one push share an id).
+  bool Write(ClientMessage m, uint64_t id) {
+    m.set_request_id(id);
+    return stream_->Write(m);
+  }
+  bool Read(ServerMessage* reply) { return stream_->Read(reply); }
   bool hello_ok() const { return hello_ok_; }
   grpc::Status Finish() {
     finished_ = true;
@@ -164,6 +173,138 @@ TEST_F(ServerProcessTest, ReplayedPushAppliedOnceExactSum) {
   EXPECT_NEAR((before - after.param_sum()) / 260.0, 1.0, 1e-4);
   EXPECT_EQ(after.pushes_applied(), 1);
   EXPECT_EQ(after.pushes_duplicate(), 9);
+}
+
+// Blocks [begin, end) of `push` as one part (PushRequest.more_parts).
+ClientMessage Part(const ClientMessage& push, int begin, int end, bool more) {
+  ClientMessage part = push;
+  auto* blocks = part.mutable_push()->mutable_blocks();
+  blocks->DeleteSubrange(end, blocks->size() - end);
+  blocks->DeleteSubrange(0, begin);
+  part.mutable_push()->set_more_parts(more);
+  return part;
+}
+
+TEST_F(ServerProcessTest, PushInPartsIsGatheredAndRepliedToOnce) {
+  ASSERT_EQ(partition_->blocks().size(), 5u);
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(session.hello_ok());
+  const ClientMessage push = Push(0, 1.0f);
+  ASSERT_TRUE(session.Write(Part(push, 0, 2, true), 7));
+  ASSERT_TRUE(session.Write(Part(push, 2, 4, true), 7));
+  // Nothing is applied before the last part.
+  EXPECT_EQ(Stats().pushes_applied(), 0);
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+  ASSERT_TRUE(session.Write(Part(push, 4, 5, false), 7));
+  ServerMessage reply;
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 7u);
+  ASSERT_EQ(reply.code(), 0) << reply.message();
+  EXPECT_TRUE(reply.push().applied());
+  EXPECT_NEAR((before - Stats().param_sum()) / 260.0, 1.0, 1e-4);
+
+  // A resend in parts of the same step is a duplicate, as a whole push is.
+  ASSERT_TRUE(session.Write(Part(push, 0, 3, true), 8));
+  ASSERT_TRUE(session.Write(Part(push, 3, 5, false), 8));
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 8u);
+  EXPECT_EQ(reply.code(), 0) << reply.message();
+  EXPECT_FALSE(reply.push().applied());
+  const tessera::v1::ShardStatsResponse stats = Stats();
+  EXPECT_EQ(stats.pushes_applied(), 1);
+  EXPECT_EQ(stats.pushes_duplicate(), 1);
+}
+
+// A worker that sets Hello.reply_part_bytes gets parameters in parts of
+// whole blocks: the same blocks and bytes as in one message.
+TEST_F(ServerProcessTest, ParametersComeInPartsWhenAskedFor) {
+  Session whole(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(whole.hello_ok());
+  ServerMessage reply;
+  ASSERT_TRUE(whole.Send(Push(0, 1.0f), &reply));
+  ASSERT_EQ(reply.code(), 0) << reply.message();
+  ClientMessage pull;
+  pull.mutable_pull()->set_step(1);
+  ServerMessage in_one;
+  ASSERT_TRUE(whole.Send(pull, &in_one));
+  ASSERT_EQ(in_one.code(), 0) << in_one.message();
+  EXPECT_FALSE(in_one.pull().more_parts());
+  ASSERT_EQ(in_one.pull().blocks_size(), 5);
+
+  // 600 bytes: parts of three 256-byte blocks, then the rest (two blocks,
+  // the last 16 bytes).
+  Session parted(stub_.get(), JobHash(job_), 2, nullptr, nullptr, 600);
+  ASSERT_TRUE(parted.hello_ok());
+  for (int round = 0; round < 2; ++round) {  // the second reuses the buffers
+    ASSERT_TRUE(parted.Write(pull, 20 + round));
+    std::vector<int> sizes;
+    std::map<uint32_t, std::string> blocks;
+    do {
+      ASSERT_TRUE(parted.Read(&reply));
+      EXPECT_EQ(reply.request_id(), 20u + round);
+      ASSERT_EQ(reply.code(), 0) << reply.message();
+      EXPECT_EQ(reply.pull().version(), in_one.pull().version());
+      sizes.push_back(reply.pull().blocks_size());
+      for (const tessera::v1::TensorBlock& b : reply.pull().blocks()) {
+        EXPECT_TRUE(blocks.emplace(b.block_id(), b.data()).second) << "block " << b.block_id();
+      }
+    } while (reply.pull().more_parts());
+    EXPECT_EQ(sizes, (std::vector<int>{3, 2}));
+    ASSERT_EQ(blocks.size(), 5u);
+    for (const tessera::v1::TensorBlock& b : in_one.pull().blocks()) {
+      EXPECT_EQ(blocks[b.block_id()], b.data()) << "block " << b.block_id();
+    }
+  }
+}
+
+TEST_F(ServerProcessTest, BrokenPushesInPartsAreRefusedAndChangeNothing) {
+  const double before = Stats().param_sum();
+  Session session(stub_.get(), JobHash(job_), 1);
+  ASSERT_TRUE(session.hello_ok());
+  const ClientMessage push = Push(0, 1.0f);
+  ServerMessage reply;
+
+  // A part that does not continue the push begun (another step).
+  ClientMessage other_step = Part(push, 2, 5, true);
+  other_step.mutable_push()->set_step(1);
+  ASSERT_TRUE(session.Write(Part(push, 0, 2, true), 10));
+  ASSERT_TRUE(session.Write(other_step, 10));
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 10u);
+  EXPECT_EQ(reply.code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_NE(reply.message().find("does not continue"), std::string::npos) << reply.message();
+  // Its remaining parts are dropped without a reply.
+  ASSERT_TRUE(session.Write(Part(push, 4, 5, false), 10));
+
+  // More blocks than the shard has.
+  ASSERT_TRUE(session.Write(Part(push, 0, 5, true), 11));
+  ASSERT_TRUE(session.Write(Part(push, 0, 1, false), 11));
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 11u);
+  EXPECT_NE(reply.message().find("more than the shard's 5 blocks"), std::string::npos)
+      << reply.message();
+
+  // Another request in the middle of a push in parts.
+  ClientMessage pull;
+  pull.mutable_pull()->set_step(0);
+  ASSERT_TRUE(session.Write(Part(push, 0, 2, true), 12));
+  ASSERT_TRUE(session.Write(pull, 13));
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 13u);
+  EXPECT_NE(reply.message().find("in the middle of a push sent in parts"), std::string::npos)
+      << reply.message();
+
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+  EXPECT_EQ(Stats().pushes_applied(), 0);
+  EXPECT_EQ(Stats().requests_rejected(), 3);
+  // The stream goes on: a whole push after all that applies once.
+  ASSERT_TRUE(session.Write(push, 14));
+  ASSERT_TRUE(session.Read(&reply));
+  EXPECT_EQ(reply.request_id(), 14u);
+  EXPECT_EQ(reply.code(), 0) << reply.message();
+  EXPECT_TRUE(reply.push().applied());
+  EXPECT_NEAR((before - Stats().param_sum()) / 260.0, 1.0, 1e-4);
 }
 
 TEST_F(ServerProcessTest, BadRequestsAreRejectedAndChangeNothing) {

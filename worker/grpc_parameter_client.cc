@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_status.h"
+#include "common/session_stream.h"
 #include "common/shared_region.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
@@ -125,7 +126,6 @@ class ShardStream {
           absl::StrCat(Where(), ": not reachable within ",
                        absl::FormatDuration(options.connect_timeout)));
     }
-    stub_ = tessera::v1::ParameterService::NewStub(channel_);
     return StartSession();
   }
 
@@ -139,7 +139,10 @@ class ShardStream {
   absl::Status Pull(int64_t step, absl::Span<float> params, int64_t* version) {
     request_.Clear();
     request_.mutable_pull()->set_step(step);
-    TESSERA_RETURN_IF_ERROR(Call(&request_));
+    decode_into_ = params;
+    const absl::Status s = Call(&request_);
+    decode_into_ = {};
+    TESSERA_RETURN_IF_ERROR(s);
     return Decode(params, version);
   }
 
@@ -151,10 +154,27 @@ class ShardStream {
     const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
     tessera::v1::PushRequest* push = push_.mutable_push();
     // With a shared-memory region, dense payloads are written straight
-    // into its request area (one copy instead of two).
+    // into its request area (one copy instead of two). Without one, into a
+    // buffer whose slices gRPC sends as they are (one copy instead of two
+    // as well: no serialisation copy).
+    const bool top_k = options_.top_k_fraction > 0;
     const absl::Span<char> area =
         region_ != nullptr ? region_->request_area() : absl::Span<char>();
+    absl::Span<char> lent;
+    zero_copy_.clear();
+    lent_.clear();
+    if (region_ == nullptr && !top_k) {
+      uint64_t bytes = 0;
+      for (uint32_t id : ids) {
+        bytes = AlignPayload(bytes + partition_.blocks()[id].num_elements *
+                                         DTypeSize(options_.wire_dtype));
+      }
+      lent = serializer_.Allocate(bytes);
+      zero_copy_.resize(ids.size());
+      lent_.assign(ids.size(), {});
+    }
     uint64_t area_used = 0;
+    uint64_t lent_used = 0;
     push->set_step(step);
     push->set_return_parameters(true);
     push->set_base_version(version_);
@@ -166,7 +186,7 @@ class ShardStream {
       tb->set_block_id(b.id);
       tb->set_dtype(options_.wire_dtype);
       const absl::Span<const float> g = grads.subspan(b.flat_offset, b.num_elements);
-      if (options_.top_k_fraction > 0) {
+      if (top_k) {
         // Error feedback: what a push leaves out is added to the next one.
         // A retried request resends these same bytes, so a resend does not
         // disturb the residual.
@@ -177,13 +197,27 @@ class ShardStream {
         tb->set_sparse(true);
         EncodeTopK(options_.wire_dtype, g, k, absl::MakeSpan(residual_[i]), &topk_scratch_,
                    tb->mutable_indices(), tb->mutable_data());
+      } else if (!lent.empty()) {
+        // Encoded part by part as the push is written (EncodeLent).
+        const absl::Span<char> out =
+            lent.subspan(lent_used, g.size() * DTypeSize(options_.wire_dtype));
+        lent_used = AlignPayload(lent_used + out.size());
+        tb->clear_data();
+        tb->clear_shm_offset();
+        tb->clear_shm_size();
+        zero_copy_[i] = absl::string_view(out.data(), out.size());
+        lent_[i] = {g, out};
       } else {
         EncodeBlockPayload(options_.wire_dtype, g, area, &area_used, tb);
       }
-      payload_bytes_ +=
-          static_cast<int64_t>(tb->data().size() + tb->shm_size() + tb->indices().size());
+      payload_bytes_ += static_cast<int64_t>(tb->data().size() + tb->shm_size() +
+                                             tb->indices().size() +
+                                             (lent.empty() ? 0 : zero_copy_[i].size()));
     }
-    TESSERA_RETURN_IF_ERROR(Call(&push_));
+    decode_into_ = params;
+    const absl::Status s = Call(&push_);
+    decode_into_ = {};
+    TESSERA_RETURN_IF_ERROR(s);
     *applied = reply_.push().applied();
     return Decode(params, version);
   }
@@ -254,13 +288,14 @@ class ShardStream {
 
   absl::Status StartSession() {
     context_ = std::make_unique<grpc::ClientContext>();
-    stream_ = stub_->Session(context_.get());
+    stream_ = std::make_unique<SessionStream>(channel_, context_.get());
     ClientMessage hello;
     tessera::v1::Hello* h = hello.mutable_hello();
     h->set_worker_id(options_.worker_id);
     h->set_incarnation(options_.incarnation);
     h->set_job_hash(options_.job_hash);
     h->set_shard(shard_);
+    h->set_reply_part_bytes(options_.part_bytes);
     // Every stream gets a region of its own: after a reconnect the old
     // server session may still hold the previous one.
     std::unique_ptr<SharedRegion> offered;
@@ -324,15 +359,56 @@ class ShardStream {
   absl::Status Exchange(ClientMessage* request) {
     request->set_request_id(next_id_++);
     watchdog_.Arm(context_.get(), absl::Now() + options_.request_timeout);
-    // A push's payloads go into the region for the write only: the message
-    // keeps them, so a retry on a new stream (new region) can resend.
-    const bool offload = region_ != nullptr && request->has_push();
-    auto* blocks = offload ? request->mutable_push()->mutable_blocks() : nullptr;
-    if (offload) OffloadBlocks(blocks, region_->request_area(), &parked_);
-    bool ok = stream_->Write(*request);
-    if (offload) RestoreBlocks(blocks, &parked_);
+    bool ok;
+    if (request->has_push() && region_ == nullptr) {
+      // Payloads as slices of the buffer they are encoded into, in parts,
+      // each encoded while the server reads the one before.
+      ok = stream_->WritePush(*request, zero_copy_, &serializer_, options_.part_bytes,
+                              encode_lent_);
+    } else {
+      // A push's payloads go into the region for the write only: the
+      // message keeps them, so a retry on a new stream (new region) can
+      // resend. A push encoded for the stream before a reconnect takes its
+      // payloads into the message first.
+      const bool offload = region_ != nullptr && request->has_push();
+      auto* blocks = offload ? request->mutable_push()->mutable_blocks() : nullptr;
+      if (offload) {
+        EncodeLent(0, static_cast<int>(zero_copy_.size()));
+        for (size_t i = 0; i < zero_copy_.size(); ++i) {
+          if (zero_copy_[i].data() != nullptr) (*blocks)[i].set_data(zero_copy_[i].data(), zero_copy_[i].size());
+        }
+        zero_copy_.clear();
+        OffloadBlocks(blocks, region_->request_area(), &parked_);
+      }
+      ok = stream_->Write(*request);
+      if (offload) RestoreBlocks(blocks, &parked_);
+    }
     ok = ok && stream_->Read(&reply_);
+    // Parameters in parts: each part is decoded while the next comes.
+    decoded_blocks_ = 0;
+    while (ok && reply_.request_id() == request->request_id() && reply_.code() == 0 &&
+           reply_.pull().more_parts()) {
+      absl::Status part =
+          decode_into_.empty()
+              ? absl::DataLossError("parameters in parts in reply to a request for none")
+              : DecodeBlocks(decode_into_);
+      if (!part.ok()) {
+        watchdog_.Disarm();
+        context_->TryCancel();  // the rest of the reply is not wanted
+        stream_->Finish().ok();
+        stream_.reset();
+        return Annotate(part, Where());
+      }
+      ok = stream_->Read(&reply_);
+    }
     const bool overdue = watchdog_.Disarm();
+    if (!ok && !stream_->local_error().ok()) {
+      const absl::Status bad = stream_->local_error();
+      context_->TryCancel();
+      stream_->Finish().ok();  // the outcome no longer matters
+      stream_.reset();
+      return Annotate(bad, Where());
+    }
     if (!ok) {
       absl::Status s = FromGrpcStatus(stream_->Finish());
       stream_.reset();
@@ -352,13 +428,32 @@ class ShardStream {
     return Annotate(StatusFromCode(reply_.code(), reply_.message()), Where());
   }
 
+  // Encodes the gradients of blocks [begin, end) of a push on the stream
+  // into their places in the serializer's buffer.
+  void EncodeLent(int begin, int end) {
+    for (int i = begin; i < end && i < static_cast<int>(lent_.size()); ++i) {
+      if (lent_[i].second.data() != nullptr) EncodeTo(options_.wire_dtype, lent_[i].first, lent_[i].second);
+    }
+  }
+
+  // Decodes the reply's parameters (its last part, when it came in parts)
+  // into `params` and checks that every block of the shard came.
   absl::Status Decode(absl::Span<float> params, int64_t* version) {
     const tessera::v1::PullResult& pull = reply_.pull();
-    const size_t expected = partition_.shard_blocks(shard_).size();
-    if (static_cast<size_t>(pull.blocks_size()) != expected) {
-      return absl::DataLossError(absl::StrCat(Where(), ": sent ", pull.blocks_size(),
+    const int64_t expected = static_cast<int64_t>(partition_.shard_blocks(shard_).size());
+    if (decoded_blocks_ + pull.blocks_size() != expected) {
+      return absl::DataLossError(absl::StrCat(Where(), ": sent ",
+                                              decoded_blocks_ + pull.blocks_size(),
                                               " blocks, expected ", expected));
     }
+    TESSERA_RETURN_IF_ERROR(DecodeBlocks(params));
+    *version = version_ = pull.version();
+    return absl::OkStatus();
+  }
+
+  // Decodes the blocks of reply_ (one part of the parameters, or all).
+  absl::Status DecodeBlocks(absl::Span<float> params) {
+    const tessera::v1::PullResult& pull = reply_.pull();
     for (const tessera::v1::TensorBlock& tb : pull.blocks()) {
       if (tb.block_id() >= partition_.blocks().size() ||
           partition_.blocks()[tb.block_id()].shard != shard_) {
@@ -373,8 +468,8 @@ class ShardStream {
       TESSERA_RETURN_IF_ERROR(Annotate(
           DecodeF32(tb.dtype(), *payload, params.subspan(b.flat_offset, b.num_elements)),
           absl::StrCat(Where(), " block ", b.id)));
+      ++decoded_blocks_;
     }
-    *version = version_ = pull.version();
     return absl::OkStatus();
   }
 
@@ -384,9 +479,16 @@ class ShardStream {
   GrpcClientOptions options_;
   bool warned_ = false;
   std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<tessera::v1::ParameterService::Stub> stub_;
   std::unique_ptr<grpc::ClientContext> context_;
-  std::unique_ptr<grpc::ClientReaderWriter<ClientMessage, ServerMessage>> stream_;
+  std::unique_ptr<SessionStream> stream_;
+  // Buffers that push payloads are encoded into and sent from, and each
+  // block's payload in the current one (empty when the push's payloads are
+  // in the message or in a region).
+  PushSerializer serializer_;
+  std::vector<absl::string_view> zero_copy_;
+  // Each such payload's gradients and its place in the buffer.
+  std::vector<std::pair<absl::Span<const float>, absl::Span<char>>> lent_;
+  const std::function<void(int, int)> encode_lent_ = [this](int b, int e) { EncodeLent(b, e); };
   // Top-k error feedback: per owned block (in shard_blocks order), what
   // earlier pushes left out.
   std::vector<std::vector<float>> residual_;
@@ -400,6 +502,10 @@ class ShardStream {
   int64_t version_ = 0;  // of the parameters last received
   int64_t worker_clock_ = 0;
   int64_t payload_bytes_ = 0;  // pushed plus pulled
+  // Where the current request's parameters go, and how many blocks of them
+  // the parts before the last reply brought.
+  absl::Span<float> decode_into_;
+  int64_t decoded_blocks_ = 0;
   ClientMessage request_;
   ClientMessage push_;
   ServerMessage reply_;

@@ -25,6 +25,11 @@ struct GrpcClientOptions {
   uint64_t job_hash = 0;
   // Largest message the client accepts (a shard's parameters plus slack).
   int max_message_bytes = 64 << 20;
+  // Pushes and pulled parameters on the stream (no shared memory) travel
+  // in parts of whole blocks of at least this many payload bytes, so that
+  // one end works on a part while the next is on its way
+  // (PushRequest.more_parts, Hello.reply_part_bytes); 0: one message each.
+  int64_t part_bytes = 4 << 20;
   // Element type of pushed gradients (F32 or BF16).
   tessera::v1::DType wire_dtype = tessera::v1::F32;
   // Top-k sparsified pushes with error feedback (JobSpec.top_k_fraction);

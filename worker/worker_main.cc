@@ -170,6 +170,9 @@ int main(int argc, char** argv) {
   }
   absl::StatusOr<tessera::SocketTuning> socket_tuning = tessera::SocketTuningFromFlags();
   if (!socket_tuning.ok()) return Fail(std::string(socket_tuning.status().message()));
+  absl::StatusOr<int64_t> part_bytes =
+      tessera::StreamPartBytesFromFlags(tessera::GrpcClientOptions().part_bytes);
+  if (!part_bytes.ok()) return Fail(std::string(part_bytes.status().message()));
 
   absl::StatusOr<tessera::ModelSpec> model =
       tessera::ParseModelSpec(job->model(), tessera::JobLoss(*job));
@@ -227,6 +230,7 @@ int main(int argc, char** argv) {
   client_options.credentials = *credentials;
   client_options.socket_tuning = *socket_tuning;
   client_options.shared_memory = tessera::SharedMemoryFromFlags();
+  client_options.part_bytes = *part_bytes;
   client_options.wire_dtype = job->wire_dtype();
   client_options.top_k_fraction = job->top_k_fraction();
   client_options.connect_timeout = absl::Seconds(absl::GetFlag(FLAGS_connect_timeout_s));
