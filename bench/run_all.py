@@ -713,15 +713,20 @@ def write_report(results, path, plots):
                            "acceptance"], table))
         L.append("")
         L.append("GB/s is parameter payload bytes (10^9 bytes) over wall time per operation, "
-                 f"median of {t['rounds']} rounds. A push re-encodes the gradients into the "
-                 "reused request and waits for the acknowledgement (`return_parameters = false`); "
-                 "a pull decodes the reply into a float buffer, as the worker does. "
+                 f"median of {t['rounds']} rounds. As the worker does on the stream: a push "
+                 "encodes the gradients part by part into a buffer that gRPC sends from (payload "
+                 "slices, no serialisation copy; parts of whole blocks of at least "
+                 f"{t.get('stream_part_bytes', 4194304)} bytes, each encoded while the server "
+                 "reads the one before) and waits for the acknowledgement "
+                 "(`return_parameters = false`); a pull asks for parameters in parts of the same "
+                 "size and decodes each into a float buffer while the next arrives. "
                  f"The job is `linear:K-1` (exactly N MiB of floats), SGD, ASYNC, one shard, "
                  f"block_bytes {t['block_bytes']}. The no-op gRPC server is the same proto "
                  "service and threading (sync gRPC `Session`) with no store behind it: a push is "
-                 "parsed and acknowledged, a pull answered from a prebuilt reply. It is the floor "
-                 "gRPC and protobuf leave; the gap between the two columns is Tessera's server-side "
-                 "work.\n")
+                 "parsed and acknowledged (once, after its last part), a pull answered in one "
+                 "message from a prebuilt reply. It is the floor gRPC and protobuf leave for "
+                 "whole messages; the gap between the two columns is Tessera's server-side work "
+                 "less what the parts overlap.\n")
         # Floors in the same process.
         floor_rows = []
         for s in t["sizes"]:

@@ -185,7 +185,9 @@ std::string JobText(int64_t size_mib, int64_t block_bytes) {
 }
 
 // ---------------------------------------------------------------------------
-// The no-op server: same service, same sync threading, no store.
+// The no-op server: same service, same sync threading, no store. It
+// answers a push sent in parts once, after the last part, and sends
+// parameters in one message (it ignores Hello.reply_part_bytes).
 // ---------------------------------------------------------------------------
 
 class NoopService final : public tessera::v1::ParameterService::Service {
@@ -215,7 +217,7 @@ class NoopService final : public tessera::v1::ParameterService::Service {
       if (request.has_pull()) {
         pull_reply_.set_request_id(request.request_id());
         ok = stream->Write(pull_reply_);
-      } else {
+      } else if (!request.push().more_parts()) {  // one reply per push, after its last part
         ack.set_request_id(request.request_id());
         ok = stream->Write(ack);
       }
@@ -789,7 +791,8 @@ int Main() {
   const std::string doc = absl::StrCat(
       "{\"benchmark\": \"transport\", \"units\": \"GB/s = payload bytes / wall seconds / 1e9\", ",
       "\"transport\": \"", transport, "\", ",
-      "\"block_bytes\": ", block_bytes, ", \"rounds\": ", rounds,
+      "\"block_bytes\": ", block_bytes,
+      ", \"stream_part_bytes\": ", absl::GetFlag(FLAGS_stream_part_bytes), ", \"rounds\": ", rounds,
       ", \"load_average_start\": ", JsonArray({load[0], load[1], load[2]}),
       ", \"load_average_end\": ", JsonArray({load_end[0], load_end[1], load_end[2]}),
       ", \"sizes\": [\n  ", absl::StrJoin(size_docs, ",\n  "), "\n]}\n");

@@ -79,7 +79,7 @@ ABSL_FLAG(bool, overlap, false,
           "Override job.overlap (ASYNC/SSP: compute the next gradient while the previous "
           "push and pull travel).");
 ABSL_FLAG(std::optional<std::string>, wire_dtype, std::nullopt,
-          "Override job.wire_dtype: f32, or bf16 to halve the bytes on the wire.");
+          "Override job.wire_dtype: f32, or bf16 or f16 to halve the bytes on the wire.");
 
 namespace tessera {
 namespace {

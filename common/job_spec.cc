@@ -136,9 +136,11 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
       job->set_wire_dtype(tessera::v1::F32);
     } else if (w == "bf16") {
       job->set_wire_dtype(tessera::v1::BF16);
+    } else if (w == "f16") {
+      job->set_wire_dtype(tessera::v1::F16);
     } else {
       return absl::InvalidArgumentError(
-          absl::StrCat("--wire_dtype: expected f32 or bf16, got '", *o.wire_dtype, "'"));
+          absl::StrCat("--wire_dtype: expected f32, bf16 or f16, got '", *o.wire_dtype, "'"));
     }
   }
   if (o.top_k_fraction) job->set_top_k_fraction(*o.top_k_fraction);
@@ -228,8 +230,9 @@ absl::Status ValidateJobSpec(JobSpec* job) {
     return FieldError("consistency.barrier_timeout_ms", "must be positive");
   }
   if (job->wire_dtype() == tessera::v1::DTYPE_UNSPECIFIED) job->set_wire_dtype(tessera::v1::F32);
-  if (job->wire_dtype() != tessera::v1::F32 && job->wire_dtype() != tessera::v1::BF16) {
-    return FieldError("wire_dtype", absl::StrCat("must be F32 or BF16, got ",
+  if (job->wire_dtype() != tessera::v1::F32 && job->wire_dtype() != tessera::v1::BF16 &&
+      job->wire_dtype() != tessera::v1::F16) {
+    return FieldError("wire_dtype", absl::StrCat("must be F32, BF16 or F16, got ",
                                                  tessera::v1::DType_Name(job->wire_dtype())));
   }
   const tessera::v1::OptimizerSpec& opt = job->optimizer();

@@ -429,6 +429,27 @@ TEST(ApplyOverridesTest, EachOverrideAlone) {
   }
 }
 
+TEST(ApplyOverridesTest, WireDtypeNamesEachType) {
+  for (const auto& [name, dtype] :
+       std::vector<std::pair<std::string, tessera::v1::DType>>{
+           {"f32", tessera::v1::F32}, {"BF16", tessera::v1::BF16}, {"f16", tessera::v1::F16}}) {
+    JobSpec job = SyntheticJob();
+    JobOverrides o;
+    o.wire_dtype = name;
+    ASSERT_TRUE(ApplyOverrides(o, &job).ok()) << name;
+    EXPECT_EQ(job.wire_dtype(), dtype) << name;
+    EXPECT_TRUE(ValidateJobSpec(&job).ok()) << name;
+  }
+  JobSpec job = SyntheticJob();
+  JobOverrides o;
+  o.wire_dtype = "fp8";
+  const absl::Status s = ApplyOverrides(o, &job);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("--wire_dtype: expected f32, bf16 or f16, got 'fp8'"),
+            std::string::npos)
+      << s.message();
+}
+
 TEST(ApplyOverridesTest, ModeNamesAreCaseInsensitive) {
   const std::vector<std::pair<std::string, tessera::v1::ConsistencyMode>>
       cases = {{"sync", tessera::v1::SYNC},   {"SYNC", tessera::v1::SYNC},

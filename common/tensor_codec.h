@@ -24,23 +24,28 @@ void EncodeF32(absl::Span<const float> values, std::string* out);
 // little-endian, into `out`: half the bytes of F32, 8 bits of mantissa.
 void EncodeBF16(absl::Span<const float> values, std::string* out);
 
-// Writes `values` in `dtype` (F32 or BF16) into `out`.
+// Writes `values` as IEEE binary16 (round to nearest even; magnitudes of
+// 65520 and more become infinity, NaN stays NaN; 11 bits of precision
+// down to 2^-14, subnormals below), little-endian, into `out`.
+void EncodeF16(absl::Span<const float> values, std::string* out);
+
+// Writes `values` in `dtype` (F32, BF16 or F16) into `out`.
 void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::string* out);
 
 // The same into memory the caller owns, which must hold exactly
 // values.size() * DTypeSize(dtype) bytes.
 void EncodeTo(tessera::v1::DType dtype, absl::Span<const float> values, absl::Span<char> out);
 
-// Decodes a payload of `dtype` (F32 or BF16) holding exactly out.size()
+// Decodes a payload of `dtype` (F32, BF16 or F16) holding exactly out.size()
 // elements into `out`. kInvalidArgument when the dtype is unsupported or
 // the byte length does not match; `out` is untouched then.
 absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
                        absl::Span<float> out);
 
-// Adds the `n` elements of an F32 or BF16 payload to `acc`.
+// Adds the `n` elements of an F32, BF16 or F16 payload to `acc`.
 void AccumulateInto(tessera::v1::DType dtype, absl::string_view bytes, float* acc, int64_t n);
 
-// True when every element of an F32 or BF16 payload of `n` elements is
+// True when every element of an F32, BF16 or F16 payload of `n` elements is
 // finite.
 bool PayloadFinite(tessera::v1::DType dtype, absl::string_view bytes, int64_t n);
 bool PayloadFinite(tessera::v1::DType dtype, const char* data, int64_t n);
@@ -60,7 +65,7 @@ bool AllFinite(absl::Span<const float> values);
 // Top-k sparsification with error feedback. Adds `grad` to `residual`
 // (the error carried over from earlier steps), picks the k elements of the
 // sum with the largest magnitude (k clamped to [1, size]), writes them to
-// `indices` and `data` (in `dtype`, F32 or BF16) and leaves in `residual`
+// `indices` and `data` (in `dtype`, F32, BF16 or F16) and leaves in `residual`
 // what was not sent: the unsent elements whole, and for the sent ones their
 // rounding error in `dtype`. `scratch` is reused working space. Buffers
 // keep their capacity from call to call.

@@ -1,6 +1,7 @@
 #include "common/tensor_codec.h"
 
 #include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -249,6 +250,131 @@ TEST(Bf16CodecTest, FinitenessAccumulationAndSizeChecks) {
   EXPECT_EQ(DecodeF32(tessera::v1::BF16, bytes, absl::MakeSpan(out)).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(out, (std::vector<float>(3, -1.0f)));
+}
+
+float F16RoundTrip(float v) {
+  std::string one;
+  EncodeF16({&v, 1}, &one);
+  EXPECT_EQ(one.size(), 2u);
+  float w = -7.0f;
+  EXPECT_TRUE(DecodeF32(tessera::v1::F16, one, absl::MakeSpan(&w, 1)).ok());
+  return w;
+}
+
+uint16_t F16Bits(float v) {
+  std::string one;
+  EncodeF16({&v, 1}, &one);
+  uint16_t h;
+  std::memcpy(&h, one.data(), 2);
+  return h;
+}
+
+TEST(F16CodecTest, RoundTripsRepresentableValuesAndRoundsToNearestEven) {
+  const float min_normal = std::ldexp(1.0f, -14), min_subnormal = std::ldexp(1.0f, -24);
+  for (float v : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, -65504.0f, 1.0f + 1.0f / 1024,
+                  min_normal, min_subnormal, 3 * min_subnormal, -1023 * min_subnormal,
+                  0.333251953125f}) {
+    EXPECT_EQ(F16RoundTrip(v), v) << v;
+    EXPECT_EQ(std::signbit(F16RoundTrip(v)), std::signbit(v)) << v;
+  }
+  EXPECT_EQ(F16Bits(1.0f), 0x3c00);
+  EXPECT_EQ(F16Bits(-2.0f), 0xc000);
+  EXPECT_EQ(F16Bits(65504.0f), 0x7bff);
+  EXPECT_EQ(F16Bits(min_subnormal), 0x0001);
+  // Ties go to the even neighbour: 1 + 2^-11 to 1, 1 + 3 * 2^-11 to 1 + 2^-9.
+  EXPECT_EQ(F16RoundTrip(1.0f + std::ldexp(1.0f, -11)), 1.0f);
+  EXPECT_EQ(F16RoundTrip(1.0f + 3 * std::ldexp(1.0f, -11)), 1.0f + std::ldexp(1.0f, -9));
+  // In the subnormals too: half the smallest goes to 0, 1.5 units to 2.
+  EXPECT_EQ(F16RoundTrip(std::ldexp(1.0f, -25)), 0.0f);
+  EXPECT_EQ(F16RoundTrip(1.5f * min_subnormal), 2 * min_subnormal);
+  EXPECT_EQ(F16RoundTrip(1.25f * min_subnormal), min_subnormal);
+  // Rounding up out of the subnormals gives the smallest normal.
+  EXPECT_EQ(F16RoundTrip(min_normal - 0.25f * min_subnormal), min_normal);
+  // The range ends at 65504: 65519 rounds down to it, 65520 and more are infinite.
+  EXPECT_EQ(F16RoundTrip(65519.0f), 65504.0f);
+  EXPECT_EQ(F16RoundTrip(65520.0f), std::numeric_limits<float>::infinity());
+  EXPECT_EQ(F16RoundTrip(-1e30f), -std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isnan(F16RoundTrip(std::numeric_limits<float>::quiet_NaN())));
+  // Relative error of any value in the normal range is at most 2^-11.
+  for (float v : {3.14159f, -123.456f, 0.001f, 60000.0f}) {
+    EXPECT_LE(std::abs(F16RoundTrip(v) - v), std::abs(v) / 2048) << v;
+  }
+}
+
+#if defined(__FLT16_MAX__)
+// Against the compiler's own binary16 conversions: every F16 bit pattern
+// decodes as they do, and a spread of a million floats (every sign,
+// exponent and rounding case) encodes as they do.
+TEST(F16CodecTest, MatchesTheCompilersFloat16) {
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const uint16_t bits = static_cast<uint16_t>(h);
+    _Float16 x;
+    std::memcpy(&x, &bits, 2);
+    const float want = static_cast<float>(x);
+    std::string payload(reinterpret_cast<const char*>(&bits), 2);
+    float got;
+    ASSERT_TRUE(DecodeF32(tessera::v1::F16, payload, absl::MakeSpan(&got, 1)).ok());
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << h;
+    } else {
+      EXPECT_EQ(std::memcmp(&got, &want, 4), 0) << "bits " << h << ": " << got << " vs " << want;
+    }
+  }
+  int mismatches = 0;
+  for (uint64_t u = 0; u <= 0xffffffffull; u += 4093) {
+    const uint32_t u32 = static_cast<uint32_t>(u);
+    float f;
+    std::memcpy(&f, &u32, 4);
+    const _Float16 x = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &x, 2);
+    const uint16_t got = F16Bits(f);
+    const bool both_nan = std::isnan(f) && (got & 0x7c00) == 0x7c00 && (got & 0x3ff) != 0;
+    if (got != want && !both_nan && ++mismatches <= 5) {
+      ADD_FAILURE() << "float bits " << u32 << " (" << f << "): " << got << ", compiler " << want;
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+#endif
+
+TEST(F16CodecTest, FinitenessLimitsAccumulationAndTopK) {
+  std::vector<float> v = {1.0f, -2.0f, 65504.0f, 0.5f};
+  std::string bytes;
+  EncodeF16(v, &bytes);
+  EXPECT_TRUE(PayloadFinite(tessera::v1::F16, bytes, 4));
+  EXPECT_TRUE(PayloadWithinGradientLimit(tessera::v1::F16, bytes, 4));
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), 1e6f, -70000.0f}) {
+    std::vector<float> w = v;
+    w[1] = bad;
+    std::string b;
+    EncodeF16(w, &b);
+    EXPECT_FALSE(PayloadFinite(tessera::v1::F16, b, 4)) << bad;
+    EXPECT_FALSE(PayloadWithinGradientLimit(tessera::v1::F16, b, 4)) << bad;
+  }
+  std::vector<float> acc = {10.0f, 10.0f, 10.0f, 10.0f};
+  AccumulateInto(tessera::v1::F16, bytes, acc.data(), 4);
+  EXPECT_EQ(acc, (std::vector<float>{11.0f, 8.0f, 65514.0f, 10.5f}));
+  // Encode and Encode-to-memory write the same bytes as EncodeF16.
+  std::string generic;
+  Encode(tessera::v1::F16, v, &generic);
+  EXPECT_EQ(generic, bytes);
+  std::string into(8, '\0');
+  EncodeTo(tessera::v1::F16, v, absl::MakeSpan(into.data(), into.size()));
+  EXPECT_EQ(into, bytes);
+  // Top-k in F16 keeps each sent value's rounding error as residual.
+  std::vector<float> residual(2, 0.0f);
+  std::vector<uint32_t> scratch;
+  std::string indices, data;
+  const std::vector<float> grad = {1.0f + std::ldexp(1.0f, -12), 3.0f};
+  EncodeTopK(tessera::v1::F16, grad, 2, absl::MakeSpan(residual), &scratch, &indices, &data);
+  EXPECT_EQ(data.size(), 4u);
+  EXPECT_EQ(residual[0], std::ldexp(1.0f, -12));
+  EXPECT_EQ(residual[1], 0.0f);
+  std::vector<float> scattered(2, 0.0f);
+  ASSERT_TRUE(ValidateSparse(tessera::v1::F16, indices, data, 2).ok());
+  ScatterAddInto(tessera::v1::F16, indices, data, scattered.data());
+  EXPECT_EQ(scattered, (std::vector<float>{1.0f, 3.0f}));
 }
 
 std::vector<uint32_t> Indices(const std::string& bytes) {

@@ -67,7 +67,9 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
     : job_(job),
       shard_(shard),
       mode_(job.consistency().mode()),
-      wire_dtype_(job.wire_dtype() == tessera::v1::BF16 ? tessera::v1::BF16 : tessera::v1::F32),
+      wire_dtype_(job.wire_dtype() == tessera::v1::BF16 || job.wire_dtype() == tessera::v1::F16
+                      ? job.wire_dtype()
+                      : tessera::v1::F32),
       partition_(std::move(partition)),
       optimizer_(std::move(optimizer)),
       workers_(job.num_workers()) {
@@ -120,10 +122,11 @@ absl::Status ShardStore::Validate(const PushRequest& request,
           absl::StrCat("block ", id, " appears twice in one push"));
     }
     seen[id] = true;
-    if (tb.dtype() != tessera::v1::F32 && tb.dtype() != tessera::v1::BF16) {
+    if (tb.dtype() != tessera::v1::F32 && tb.dtype() != tessera::v1::BF16 &&
+        tb.dtype() != tessera::v1::F16) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": unsupported dtype ",
-                       tessera::v1::DType_Name(tb.dtype()), ", expected F32 or BF16"));
+                       tessera::v1::DType_Name(tb.dtype()), ", expected F32, BF16 or F16"));
     }
     const int64_t n = blocks_[id]->info.num_elements;
     const int64_t width = DTypeSize(tb.dtype());
