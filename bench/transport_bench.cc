@@ -400,12 +400,13 @@ class BenchClient {
     if (region_ != nullptr) {
       written = stream_->Write(push_);
     } else {
-      written = stream_->WritePush(push_, zero_copy_, &serializer_,
-                                   absl::GetFlag(FLAGS_stream_part_bytes), [this](int b, int e) {
-                                     for (int i = b; i < e; ++i) {
-                                       EncodeTo(tessera::v1::F32, lent_[i].first, lent_[i].second);
-                                     }
-                                   });
+      SessionStream::Parts parts;
+      parts.min_bytes = absl::GetFlag(FLAGS_stream_part_bytes);
+      parts.before_part = [this](int b, int e) {
+        for (int i = b; i < e; ++i) EncodeTo(tessera::v1::F32, lent_[i].first, lent_[i].second);
+        return true;
+      };
+      written = stream_->WritePush(push_, zero_copy_, &serializer_, parts);
     }
     if (!written) return Fail("push: stream closed on write");
     const auto t2 = Clock::now();

@@ -43,9 +43,10 @@ ABSL_FLAG(bool, shared_memory, true,
 ABSL_FLAG(bool, layerwise_push, false,
           "Workers: push each shard as soon as backward has produced the gradients of "
           "every parameter it holds (last layer first) while the rest of backward goes "
-          "on, instead of after the whole backward. Same bytes, same results. Works at "
-          "shard granularity: a shard holding a block of the first layer waits for the "
-          "whole backward. Not used with --overlap.");
+          "on, instead of after the whole backward. Same bytes, same results. On the gRPC "
+          "stream each parameter's blocks leave as a part of their own as soon as they "
+          "are ready; through shared memory (same host) a shard leaves once all of its "
+          "parameters are. Not used with --overlap.");
 ABSL_FLAG(std::optional<int64_t>, stream_part_bytes, std::nullopt,
           "Workers: pushes and pulled parameters on the gRPC stream (no shared memory) "
           "travel in parts of whole blocks of at least this many bytes, so that one "

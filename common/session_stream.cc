@@ -247,8 +247,7 @@ bool SessionStream::Write(const grpc::ByteBuffer& message) { return stream_->Wri
 
 bool SessionStream::WritePush(const ClientMessage& message,
                               absl::Span<const absl::string_view> payloads,
-                              PushSerializer* serializer, int64_t part_bytes,
-                              const std::function<void(int, int)>& before_part) {
+                              PushSerializer* serializer, const Parts& parts) {
   const int n = message.push().blocks_size();
   const bool final_flag = message.push().more_parts();
   int begin = 0;
@@ -258,8 +257,13 @@ bool SessionStream::WritePush(const ClientMessage& message,
                                       ? payloads[i].size()
                                       : message.push().blocks(i).data().size());
     const bool last = i + 1 == n;
-    if (!last && (part_bytes <= 0 || bytes < part_bytes)) continue;
-    if (before_part != nullptr) before_part(begin, i + 1);
+    const bool cut = (parts.min_bytes > 0 && bytes >= parts.min_bytes) ||
+                     (parts.cut_after != nullptr && parts.cut_after(i));
+    if (!last && !cut) continue;
+    if (parts.before_part != nullptr && !parts.before_part(begin, i + 1)) {
+      local_error_ = absl::CancelledError("the push was stopped between parts");
+      return false;
+    }
     grpc::ByteBuffer part;
     absl::Status s = serializer->SerializePart(message, payloads, begin, i + 1,
                                                last ? final_flag : true, &part);

@@ -100,19 +100,29 @@ class SessionStream {
   // Sends a request serialised by the caller.
   bool Write(const grpc::ByteBuffer& message);
 
+  // How WritePush cuts a push into parts (PushRequest.more_parts).
+  struct Parts {
+    // A part ends once it holds at least this many payload bytes (0: never
+    // for this reason).
+    int64_t min_bytes = 0;
+    // When set, a part also ends after block i when cut_after(i) is true.
+    std::function<bool(int i)> cut_after;
+    // When set, called with each part's block range [begin, end) just
+    // before the part is framed: the caller can fill those payloads then,
+    // while the server reads the part before. Returning false stops the
+    // push there (WritePush returns false, local_error() kCancelled).
+    std::function<bool(int begin, int end)> before_part;
+  };
+
   // Sends the push in `message` through `serializer` (see there for
-  // `payloads`), cut into parts (PushRequest.more_parts) of whole blocks
-  // with at least `part_bytes` payload bytes each, so that the server works
-  // on one part while the next is on its way; one message when part_bytes
-  // is 0 or the push is smaller. `before_part`, when set, is called with
-  // each part's block range [begin, end) just before the part is framed:
-  // the caller can fill those payloads then, while the server reads the
-  // part before. False when the stream is broken (Finish() says why) or
-  // the message cannot be framed (local_error() says why).
+  // `payloads`), cut into parts of whole blocks as `parts` says, so that
+  // the server works on one part while the next is on its way; one message
+  // when no rule cuts. False when the stream is broken (Finish() says why),
+  // the message cannot be framed or before_part stopped it (local_error()
+  // says why).
   bool WritePush(const tessera::v1::ClientMessage& message,
                  absl::Span<const absl::string_view> payloads, PushSerializer* serializer,
-                 int64_t part_bytes,
-                 const std::function<void(int begin, int end)>& before_part = nullptr);
+                 const Parts& parts);
 
   // Reads the next reply into `reply` (its buffers are reused). False when
   // the stream ended, or when the reply does not parse (local_error() is

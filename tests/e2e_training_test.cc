@@ -221,6 +221,31 @@ TEST_F(FashionMnistTest, LayerwisePushLeavesEarlyAndChangesNothing) {
   EXPECT_GT(moved / whole.size(), 1e-3);
 }
 
+// On the gRPC stream (no shared memory) a layer-wise push goes part by
+// part: each parameter's blocks leave once backward is done with it, last
+// layer first, so even with the default 256 KiB blocks (every shard holds
+// part of the first layer) pushes begin during backward. 25 synchronous
+// steps must end bit-identical to pushing after backward.
+TEST_F(FashionMnistTest, LayerwisePartsOnTheStreamLeaveEarlyAndChangeNothing) {
+  auto run = [&](bool layerwise, const std::string& name) {
+    const std::string dump = dir_ + "/" + name + ".f32";
+    const std::string summary =
+        Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
+               "--shared_memory=false",
+               absl::StrCat("--layerwise_push=", layerwise ? "true" : "false")});
+    return std::make_pair(ReadFloats(dump), JsonNumber(summary, "early_shard_pushes"));
+  };
+  const auto [layerwise, early] = run(true, "stream-layerwise");
+  const auto [whole, none] = run(false, "stream-whole");
+  ASSERT_EQ(layerwise.size(), 235146u);
+  EXPECT_TRUE(layerwise == whole) << "layer-wise parts changed the parameters";
+  EXPECT_GT(early, 0) << "no push began before backward ended";
+  EXPECT_EQ(none, 0);
+  double moved = 0;
+  for (float v : whole) moved += std::abs(v);
+  EXPECT_GT(moved, 0);
+}
+
 // Without shared memory, pushes go on the stream with their payloads as
 // slices of the buffer they were encoded into (common/session_stream.h),
 // here in parts of one 256 KiB block that the server gathers; with it,

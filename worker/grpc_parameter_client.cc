@@ -147,8 +147,18 @@ class ShardStream {
   }
 
   // Fused push-pull.
+  // Whether pushes go on the stream from the serializer's buffer (no
+  // region, dense): the path that can leave in parts as gradients become
+  // ready.
+  bool pushes_on_stream() const { return region_ == nullptr && options_.top_k_fraction <= 0; }
+
+  // Fused push-pull. With `wait_param` (only where pushes_on_stream()), the
+  // push goes last layer first, one part per parameter, and each part
+  // waits until wait_param(its parameter index) says the gradient is final
+  // (false: the exchange was aborted; nothing more is sent).
   absl::Status PushAndPull(int64_t step, absl::Span<const float> grads,
-                           absl::Span<float> params, bool* applied, int64_t* version) {
+                           absl::Span<float> params, bool* applied, int64_t* version,
+                           std::function<bool(int)> wait_param = nullptr) {
     // The push message keeps its block buffers from step to step; only the
     // payload bytes are rewritten.
     const std::vector<uint32_t>& ids = partition_.shard_blocks(shard_);
@@ -173,16 +183,38 @@ class ShardStream {
       zero_copy_.resize(ids.size());
       lent_.assign(ids.size(), {});
     }
+    // Where each owned block goes in the push: in order, or with
+    // wait_param the last parameter's blocks first (backward's order).
+    if (wait_param != nullptr && lent.empty()) {
+      // Payloads are encoded right below: every gradient must be final.
+      for (uint32_t id : ids) {
+        if (!wait_param(partition_.blocks()[id].param_index)) {
+          return Annotate(absl::CancelledError("exchange aborted"), Where());
+        }
+      }
+      wait_param = nullptr;
+    }
+    wait_param_ = std::move(wait_param);
+    push_aborted_ = false;
+    position_.resize(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) position_[i] = static_cast<int>(i);
+    if (wait_param_ != nullptr) {
+      std::stable_sort(position_.begin(), position_.end(), [&](int a, int b) {
+        return partition_.blocks()[ids[a]].param_index > partition_.blocks()[ids[b]].param_index;
+      });
+    }
+    block_param_.resize(ids.size());
+    while (push->blocks_size() < static_cast<int>(ids.size())) push->add_blocks();
     uint64_t area_used = 0;
     uint64_t lent_used = 0;
     push->set_step(step);
     push->set_return_parameters(true);
     push->set_base_version(version_);
-    for (size_t i = 0; i < ids.size(); ++i) {
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const int i = position_[k];  // owned block i goes at position k
       const BlockInfo& b = partition_.blocks()[ids[i]];
-      tessera::v1::TensorBlock* tb = static_cast<int>(i) < push->blocks_size()
-                                         ? push->mutable_blocks(i)
-                                         : push->add_blocks();
+      tessera::v1::TensorBlock* tb = push->mutable_blocks(static_cast<int>(k));
+      block_param_[k] = b.param_index;
       tb->set_block_id(b.id);
       tb->set_dtype(options_.wire_dtype);
       const absl::Span<const float> g = grads.subspan(b.flat_offset, b.num_elements);
@@ -205,18 +237,19 @@ class ShardStream {
         tb->clear_data();
         tb->clear_shm_offset();
         tb->clear_shm_size();
-        zero_copy_[i] = absl::string_view(out.data(), out.size());
-        lent_[i] = {g, out};
+        zero_copy_[k] = absl::string_view(out.data(), out.size());
+        lent_[k] = {g, out};
       } else {
         EncodeBlockPayload(options_.wire_dtype, g, area, &area_used, tb);
       }
       payload_bytes_ += static_cast<int64_t>(tb->data().size() + tb->shm_size() +
                                              tb->indices().size() +
-                                             (lent.empty() ? 0 : zero_copy_[i].size()));
+                                             (lent.empty() ? 0 : zero_copy_[k].size()));
     }
     decode_into_ = params;
     const absl::Status s = Call(&push_);
     decode_into_ = {};
+    wait_param_ = nullptr;
     TESSERA_RETURN_IF_ERROR(s);
     *applied = reply_.push().applied();
     return Decode(params, version);
@@ -243,6 +276,7 @@ class ShardStream {
     while (true) {
       absl::Status s = stream_ != nullptr ? Exchange(request) : absl::UnavailableError("no stream");
       if (s.ok() || !Retryable(s)) return s;
+      if (push_aborted_) return Annotate(absl::CancelledError("exchange aborted"), Where());
       if (absl::Now() + backoff > deadline) {
         return Annotate(s, absl::StrCat("gave up after retrying for ",
                                         absl::FormatDuration(options_.retry_timeout)));
@@ -362,9 +396,13 @@ class ShardStream {
     bool ok;
     if (request->has_push() && region_ == nullptr) {
       // Payloads as slices of the buffer they are encoded into, in parts,
-      // each encoded while the server reads the one before.
-      ok = stream_->WritePush(*request, zero_copy_, &serializer_, options_.part_bytes,
-                              encode_lent_);
+      // each encoded while the server reads the one before (layer-wise:
+      // one part per parameter, as backward finishes it).
+      SessionStream::Parts parts;
+      parts.min_bytes = options_.part_bytes;
+      parts.before_part = encode_lent_;
+      if (wait_param_ != nullptr) parts.cut_after = param_ends_;
+      ok = stream_->WritePush(*request, zero_copy_, &serializer_, parts);
     } else {
       // A push's payloads go into the region for the write only: the
       // message keeps them, so a retry on a new stream (new region) can
@@ -373,7 +411,10 @@ class ShardStream {
       const bool offload = region_ != nullptr && request->has_push();
       auto* blocks = offload ? request->mutable_push()->mutable_blocks() : nullptr;
       if (offload) {
-        EncodeLent(0, static_cast<int>(zero_copy_.size()));
+        if (!EncodeLent(0, static_cast<int>(zero_copy_.size()))) {
+          watchdog_.Disarm();
+          return Annotate(absl::CancelledError("exchange aborted"), Where());
+        }
         for (size_t i = 0; i < zero_copy_.size(); ++i) {
           if (zero_copy_[i].data() != nullptr) (*blocks)[i].set_data(zero_copy_[i].data(), zero_copy_[i].size());
         }
@@ -429,11 +470,18 @@ class ShardStream {
   }
 
   // Encodes the gradients of blocks [begin, end) of a push on the stream
-  // into their places in the serializer's buffer.
-  void EncodeLent(int begin, int end) {
+  // into their places in the serializer's buffer, each once wait_param_
+  // says it is final. False when the exchange was aborted.
+  bool EncodeLent(int begin, int end) {
     for (int i = begin; i < end && i < static_cast<int>(lent_.size()); ++i) {
-      if (lent_[i].second.data() != nullptr) EncodeTo(options_.wire_dtype, lent_[i].first, lent_[i].second);
+      if (lent_[i].second.data() == nullptr) continue;
+      if (wait_param_ != nullptr && !wait_param_(block_param_[i])) {
+        push_aborted_ = true;
+        return false;
+      }
+      EncodeTo(options_.wire_dtype, lent_[i].first, lent_[i].second);
     }
+    return true;
   }
 
   // Decodes the reply's parameters (its last part, when it came in parts)
@@ -488,7 +536,18 @@ class ShardStream {
   std::vector<absl::string_view> zero_copy_;
   // Each such payload's gradients and its place in the buffer.
   std::vector<std::pair<absl::Span<const float>, absl::Span<char>>> lent_;
-  const std::function<void(int, int)> encode_lent_ = [this](int b, int e) { EncodeLent(b, e); };
+  const std::function<bool(int, int)> encode_lent_ = [this](int b, int e) {
+    return EncodeLent(b, e);
+  };
+  // Layer-wise pushes: a part ends where the next block is another
+  // parameter's.
+  const std::function<bool(int)> param_ends_ = [this](int i) {
+    return i + 1 < static_cast<int>(block_param_.size()) && block_param_[i] != block_param_[i + 1];
+  };
+  std::function<bool(int)> wait_param_;  // set during a layer-wise push
+  bool push_aborted_ = false;
+  std::vector<int> position_;     // owned block -> position in the push
+  std::vector<int> block_param_;  // parameter index of the block at each position
   // Top-k error feedback: per owned block (in shard_blocks order), what
   // earlier pushes left out.
   std::vector<std::vector<float>> residual_;
@@ -757,6 +816,27 @@ class GrpcParameterClient final : public ParameterClient {
   // shard holds is ready (or the exchange is aborted), then pushes and
   // pulls that shard.
   absl::Status SplitLane(int s) {
+    if (shards_[s]->pushes_on_stream()) {
+      // Part by part: each parameter's blocks leave once backward is done
+      // with it, last layer first.
+      bool first = true;
+      auto wait = [this, &first](int param) {
+        absl::MutexLock lock(&ready_mu_);
+        auto go = [this, param]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {
+          return aborted_ || param_ready_[param] != 0;
+        };
+        ready_mu_.Await(absl::Condition(&go));
+        if (aborted_) return false;
+        if (first && unready_ > 0) ++early_pushes_;  // the first part leaves during backward
+        first = false;
+        return true;
+      };
+      bool applied = false;
+      absl::Status st = shards_[s]->PushAndPull(split_step_, split_grads_, split_params_,
+                                                &applied, &versions_[s], wait);
+      applied_[s] = applied ? 1 : 0;
+      return st;
+    }
     {
       absl::MutexLock lock(&ready_mu_);
       auto go = [this, s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {

@@ -76,9 +76,10 @@ class ParameterClient {
   // travels over a wire).
   virtual int64_t payload_bytes() const { return 0; }
 
-  // Shard pushes of the split form that left while some parameter was not
-  // yet ready, i.e. while backward was still running (0 where shards are
-  // not sent separately).
+  // Shard pushes of the split form that began to leave while some
+  // parameter was not yet ready, i.e. while backward was still running (on
+  // the gRPC stream, pushes whose first part did); 0 where shards are not
+  // sent separately.
   virtual int64_t early_pushes() const { return 0; }
 
  private:
