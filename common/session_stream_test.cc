@@ -123,7 +123,8 @@ TEST(PushSerializerTest, APartCarriesItsBlocksAndTheMoreFlag) {
     b->set_dtype(tessera::v1::F32);
     payloads.emplace_back(area.data() + i * n, n);
   }
-  for (const auto& [begin, end, more] : {std::make_tuple(0, 2, true), std::make_tuple(2, 3, false)}) {
+  for (const auto& [begin, end, more] :
+       {std::make_tuple(0, 2, true), std::make_tuple(2, 3, false)}) {
     grpc::ByteBuffer bb;
     ASSERT_TRUE(serializer.SerializePart(m, payloads, begin, end, more, &bb).ok());
     ClientMessage expected;

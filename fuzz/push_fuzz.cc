@@ -211,7 +211,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       tessera::fuzz::Check(refused.code() == absl::StatusCode::kInvalidArgument,
                            "a refused part with another status than INVALID_ARGUMENT");
     }
-    if (action != tessera::PushPartGatherer::Action::kHandle) continue;  // nothing reaches the store
+    // A part gathered or dropped, or a refused one: nothing reaches the store.
+    if (action != tessera::PushPartGatherer::Action::kHandle) continue;
     tessera::fuzz::Check(!handle->push().more_parts(),
                          "a push handled while it says more parts follow");
     const tessera::v1::ClientMessage& message = *handle;

@@ -218,9 +218,9 @@ grpc::Status ParameterServiceImpl::Session(
     const ClientMessage& req = *r;
     // A push's payloads are read where they lie (inline or in the region,
     // without a copy); a bad range is refused like any bad block.
-    const absl::Status resolved = req.has_push()
-                                      ? ResolvePayloads(req.push().blocks(), request_area, &payloads)
-                                      : absl::OkStatus();
+    const absl::Status resolved =
+        req.has_push() ? ResolvePayloads(req.push().blocks(), request_area, &payloads)
+                       : absl::OkStatus();
     switch (resolved.ok() ? KindOf(req) : RequestKind::kNone) {
       case RequestKind::kPush: {
         const absl::Time start = absl::Now();

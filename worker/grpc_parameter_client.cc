@@ -146,7 +146,6 @@ class ShardStream {
     return Decode(params, version);
   }
 
-  // Fused push-pull.
   // Whether pushes go on the stream from the serializer's buffer (no
   // region, dense): the path that can leave in parts as gradients become
   // ready.
@@ -224,10 +223,10 @@ class ShardStream {
         // disturb the residual.
         if (residual_.size() < ids.size()) residual_.resize(ids.size());
         if (residual_[i].size() != g.size()) residual_[i].assign(g.size(), 0.0f);
-        const int64_t k = static_cast<int64_t>(
+        const int64_t keep = static_cast<int64_t>(
             std::ceil(options_.top_k_fraction * static_cast<double>(g.size())));
         tb->set_sparse(true);
-        EncodeTopK(options_.wire_dtype, g, k, absl::MakeSpan(residual_[i]), &topk_scratch_,
+        EncodeTopK(options_.wire_dtype, g, keep, absl::MakeSpan(residual_[i]), &topk_scratch_,
                    tb->mutable_indices(), tb->mutable_data());
       } else if (!lent.empty()) {
         // Encoded part by part as the push is written (EncodeLent).
@@ -416,7 +415,8 @@ class ShardStream {
           return Annotate(absl::CancelledError("exchange aborted"), Where());
         }
         for (size_t i = 0; i < zero_copy_.size(); ++i) {
-          if (zero_copy_[i].data() != nullptr) (*blocks)[i].set_data(zero_copy_[i].data(), zero_copy_[i].size());
+          const absl::string_view lent = zero_copy_[i];
+          if (lent.data() != nullptr) (*blocks)[i].set_data(lent.data(), lent.size());
         }
         zero_copy_.clear();
         OffloadBlocks(blocks, region_->request_area(), &parked_);
