@@ -37,6 +37,14 @@ double JsonNumber(const std::string& json, const std::string& key) {
   return std::stod(m[1]);
 }
 
+// A --dump_params file: raw little-endian floats.
+std::vector<float> ReadFloats(const std::string& path) {
+  const std::string bytes = ReadFile(path);
+  std::vector<float> out(bytes.size() / sizeof(float));
+  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
+  return out;
+}
+
 class FashionMnistTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -59,6 +67,33 @@ class FashionMnistTest : public ::testing::Test {
     EXPECT_EQ(r.status, 0) << r.output;
     std::cout << r.output;
     return ReadFile(summary);
+  }
+
+  // Trains `steps` synchronous steps with 2 workers and `flags`; returns
+  // the parameters and the summary JSON.
+  std::pair<std::vector<float>, std::string> SyncSteps(int steps,
+                                                       const std::vector<std::string>& flags,
+                                                       const std::string& name,
+                                                       const std::string& job = FashionJob()) {
+    const std::string dump = dir_ + "/" + name + ".f32";
+    std::vector<std::string> all = {"--workers=2", absl::StrCat("--max_steps=", steps),
+                                    "--mode=sync", "--dump_params=" + dump};
+    all.insert(all.end(), flags.begin(), flags.end());
+    const std::string summary = Train(all, job);
+    return {ReadFloats(dump), summary};
+  }
+
+  // Guards a bit-identity check against a vacuous pass: `after` (25 steps)
+  // must lie well away from where one step with the same flags leaves the
+  // parameters.
+  void ExpectMovedFromOneStep(const std::vector<float>& after,
+                              const std::vector<std::string>& flags,
+                              const std::string& job = FashionJob()) {
+    const std::vector<float> one = SyncSteps(1, flags, "one-step", job).first;
+    ASSERT_EQ(one.size(), after.size());
+    double moved = 0;
+    for (size_t i = 0; i < after.size(); ++i) moved += std::abs(1.0 * after[i] - one[i]);
+    EXPECT_GT(moved / after.size(), 1e-3);
   }
 
   std::string dir_;
@@ -136,13 +171,6 @@ TEST_F(FashionMnistTest, OverlappedAsyncWorkerLearns) {
   EXPECT_GE(JsonNumber(json, "test_accuracy"), 0.84) << json;
 }
 
-std::vector<float> ReadFloats(const std::string& path) {
-  const std::string bytes = ReadFile(path);
-  std::vector<float> out(bytes.size() / sizeof(float));
-  std::memcpy(out.data(), bytes.data(), out.size() * sizeof(float));
-  return out;
-}
-
 TEST_F(FashionMnistTest, SyncTwoWorkersEqualOneWorkerWithDoubleBatch) {
   // Momentum SGD: its update is linear in the gradient, so float rounding in
   // the two ways of averaging stays at rounding size. (Adam divides by
@@ -196,29 +224,14 @@ TEST_F(FashionMnistTest, SyncTwoWorkersEqualOneWorkerWithDoubleBatch) {
 TEST_F(FashionMnistTest, LayerwisePushLeavesEarlyAndChangesNothing) {
   const std::string job = dir_ + "/blocks.textproto";
   testing_util::WriteFile(job, ReadFile(FashionJob()) + "block_bytes: 4194304\n");
-  auto run = [&](bool layerwise, const std::string& name) {
-    const std::string dump = dir_ + "/" + name + ".f32";
-    const std::string summary =
-        Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
-               absl::StrCat("--layerwise_push=", layerwise ? "true" : "false")},
-              job);
-    return std::make_pair(ReadFloats(dump), JsonNumber(summary, "early_shard_pushes"));
-  };
-  const auto [layerwise, early] = run(true, "layerwise");
-  const auto [whole, none] = run(false, "whole");
+  const auto [layerwise, with] = SyncSteps(25, {"--layerwise_push=true"}, "layerwise", job);
+  const auto [whole, without] = SyncSteps(25, {"--layerwise_push=false"}, "whole", job);
   ASSERT_EQ(layerwise.size(), 235146u);
   EXPECT_TRUE(layerwise == whole) << "layerwise pushes changed the parameters";
-  EXPECT_GT(early, 0) << "no shard push left before backward ended";
-  EXPECT_EQ(none, 0);
-  // Not a vacuous comparison: the steps moved the parameters.
-  double moved = 0;
-  const std::vector<float> start = [&] {
-    const std::string dump = dir_ + "/start.f32";
-    Train({"--workers=2", "--max_steps=1", "--mode=sync", "--dump_params=" + dump}, job);
-    return ReadFloats(dump);
-  }();
-  for (size_t i = 0; i < whole.size(); ++i) moved += std::abs(1.0 * whole[i] - start[i]);
-  EXPECT_GT(moved / whole.size(), 1e-3);
+  EXPECT_GT(JsonNumber(with, "early_shard_pushes"), 0)
+      << "no shard push left before backward ended";
+  EXPECT_EQ(JsonNumber(without, "early_shard_pushes"), 0);
+  ExpectMovedFromOneStep(whole, {}, job);
 }
 
 // On the gRPC stream (no shared memory) a layer-wise push goes part by
@@ -227,23 +240,15 @@ TEST_F(FashionMnistTest, LayerwisePushLeavesEarlyAndChangesNothing) {
 // part of the first layer) pushes begin during backward. 25 synchronous
 // steps must end bit-identical to pushing after backward.
 TEST_F(FashionMnistTest, LayerwisePartsOnTheStreamLeaveEarlyAndChangeNothing) {
-  auto run = [&](bool layerwise, const std::string& name) {
-    const std::string dump = dir_ + "/" + name + ".f32";
-    const std::string summary =
-        Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
-               "--shared_memory=false",
-               absl::StrCat("--layerwise_push=", layerwise ? "true" : "false")});
-    return std::make_pair(ReadFloats(dump), JsonNumber(summary, "early_shard_pushes"));
-  };
-  const auto [layerwise, early] = run(true, "stream-layerwise");
-  const auto [whole, none] = run(false, "stream-whole");
+  const auto [layerwise, with] =
+      SyncSteps(25, {"--shared_memory=false", "--layerwise_push=true"}, "stream-layerwise");
+  const auto [whole, without] =
+      SyncSteps(25, {"--shared_memory=false", "--layerwise_push=false"}, "stream-whole");
   ASSERT_EQ(layerwise.size(), 235146u);
   EXPECT_TRUE(layerwise == whole) << "layer-wise parts changed the parameters";
-  EXPECT_GT(early, 0) << "no push began before backward ended";
-  EXPECT_EQ(none, 0);
-  double moved = 0;
-  for (float v : whole) moved += std::abs(v);
-  EXPECT_GT(moved, 0);
+  EXPECT_GT(JsonNumber(with, "early_shard_pushes"), 0) << "no push began before backward ended";
+  EXPECT_EQ(JsonNumber(without, "early_shard_pushes"), 0);
+  ExpectMovedFromOneStep(whole, {"--shared_memory=false"});
 }
 
 // Without shared memory, pushes go on the stream with their payloads as
@@ -254,22 +259,20 @@ TEST_F(FashionMnistTest, LayerwisePartsOnTheStreamLeaveEarlyAndChangeNothing) {
 // and F16.
 TEST_F(FashionMnistTest, StreamAndSharedMemoryPathsGiveIdenticalParameters) {
   for (const std::string dtype : {"f32", "bf16", "f16"}) {
-    auto run = [&](bool shm) {
-      const std::string dump = dir_ + "/" + dtype + (shm ? "-shm" : "-stream") + ".f32";
-      const std::string summary =
-          Train({"--workers=2", "--max_steps=25", "--mode=sync", "--dump_params=" + dump,
-                 "--wire_dtype=" + dtype, "--stream_part_bytes=1",
-                 absl::StrCat("--shared_memory=", shm ? "true" : "false")});
-      return std::make_pair(ReadFloats(dump), JsonNumber(summary, "payload_bytes_per_step"));
+    const std::vector<std::string> flags = {"--wire_dtype=" + dtype, "--stream_part_bytes=1"};
+    auto with_shm = [&](bool shm) {
+      std::vector<std::string> f = flags;
+      f.push_back(absl::StrCat("--shared_memory=", shm ? "true" : "false"));
+      return f;
     };
-    const auto [stream, stream_bytes] = run(false);
-    const auto [shm, shm_bytes] = run(true);
+    const auto [stream, stream_summary] = SyncSteps(25, with_shm(false), dtype + "-stream");
+    const auto [shm, shm_summary] = SyncSteps(25, with_shm(true), dtype + "-shm");
     ASSERT_EQ(stream.size(), 235146u) << dtype;
     EXPECT_TRUE(stream == shm) << dtype << ": the stream path changed the parameters";
-    EXPECT_EQ(stream_bytes, shm_bytes) << dtype;
-    double moved = 0;
-    for (float v : stream) moved += std::abs(v);
-    EXPECT_GT(moved, 0) << dtype;
+    EXPECT_EQ(JsonNumber(stream_summary, "payload_bytes_per_step"),
+              JsonNumber(shm_summary, "payload_bytes_per_step"))
+        << dtype;
+    ExpectMovedFromOneStep(stream, with_shm(false));
   }
 }
 
