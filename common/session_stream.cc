@@ -57,6 +57,14 @@ void AppendVarintField(uint8_t tag, uint64_t v, std::string* out) {
   AppendVarint(v, out);
 }
 
+// The bytes block i of `push` sends as its data: payloads[i] where that is
+// set, else the block's own (PushSerializer::Serialize).
+absl::string_view BlockData(const PushRequest& push,
+                            absl::Span<const absl::string_view> payloads, int i) {
+  if (!payloads.empty() && payloads[i].data() != nullptr) return payloads[i];
+  return push.blocks(i).data();
+}
+
 absl::Status NoUnknownFields(const google::protobuf::Message& m, absl::string_view what) {
   if (!m.GetReflection()->GetUnknownFields(m).empty()) {
     return absl::InvalidArgumentError(absl::StrCat(what, " carries unknown fields"));
@@ -146,10 +154,7 @@ absl::Status PushSerializer::SerializePart(const ClientMessage& message,
     }
     if (!s.ok()) return s;
   }
-  auto data_of = [&](int i) -> absl::string_view {
-    if (!payloads.empty() && payloads[i].data() != nullptr) return payloads[i];
-    return push.blocks(i).data();
-  };
+  auto data_of = [&](int i) { return BlockData(push, payloads, i); };
   auto block_size = [&](int i) {
     const TensorBlock& b = push.blocks(i);
     return VarintFieldSize(b.block_id()) + VarintFieldSize(AsVarint(b.dtype())) +
@@ -243,19 +248,27 @@ bool SessionStream::Write(const ClientMessage& message) {
   return stream_->Write(out);
 }
 
-bool SessionStream::Write(const grpc::ByteBuffer& message) { return stream_->Write(message); }
-
 bool SessionStream::WritePush(const ClientMessage& message,
                               absl::Span<const absl::string_view> payloads,
                               PushSerializer* serializer, const Parts& parts) {
-  const int n = message.push().blocks_size();
-  const bool final_flag = message.push().more_parts();
+  const PushRequest& push = message.push();
+  const int n = push.blocks_size();
+  // Blocks [begin, end) as one message; the last carries the push's own flag.
+  auto write_part = [&](int begin, int end) {
+    grpc::ByteBuffer part;
+    absl::Status s = serializer->SerializePart(message, payloads, begin, end,
+                                               end == n ? push.more_parts() : true, &part);
+    if (!s.ok()) {
+      local_error_ = s;
+      return false;
+    }
+    return stream_->Write(part);
+  };
+  if (n == 0) return write_part(0, 0);  // an empty push is still one message
   int begin = 0;
   int64_t bytes = 0;
   for (int i = 0; i < n; ++i) {
-    bytes += static_cast<int64_t>(!payloads.empty() && payloads[i].data() != nullptr
-                                      ? payloads[i].size()
-                                      : message.push().blocks(i).data().size());
+    bytes += static_cast<int64_t>(BlockData(push, payloads, i).size());
     const bool last = i + 1 == n;
     const bool cut = (parts.min_bytes > 0 && bytes >= parts.min_bytes) ||
                      (parts.cut_after != nullptr && parts.cut_after(i));
@@ -264,25 +277,9 @@ bool SessionStream::WritePush(const ClientMessage& message,
       local_error_ = absl::CancelledError("the push was stopped between parts");
       return false;
     }
-    grpc::ByteBuffer part;
-    absl::Status s = serializer->SerializePart(message, payloads, begin, i + 1,
-                                               last ? final_flag : true, &part);
-    if (!s.ok()) {
-      local_error_ = s;
-      return false;
-    }
-    if (!stream_->Write(part)) return false;
+    if (!write_part(begin, i + 1)) return false;
     begin = i + 1;
     bytes = 0;
-  }
-  if (n == 0) {  // an empty push is still one message
-    grpc::ByteBuffer empty;
-    absl::Status s = serializer->Serialize(message, payloads, &empty);
-    if (!s.ok()) {
-      local_error_ = s;
-      return false;
-    }
-    return stream_->Write(empty);
   }
   return true;
 }

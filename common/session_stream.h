@@ -97,8 +97,6 @@ class SessionStream {
   // Sends a request serialised by protobuf. False when the stream is broken
   // (Finish() says why).
   bool Write(const tessera::v1::ClientMessage& message);
-  // Sends a request serialised by the caller.
-  bool Write(const grpc::ByteBuffer& message);
 
   // How WritePush cuts a push into parts (PushRequest.more_parts).
   struct Parts {

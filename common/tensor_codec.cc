@@ -136,14 +136,21 @@ void EncodeHalfInto(tessera::v1::DType dtype, absl::Span<const float> values, ch
 
 }  // namespace
 
-void EncodeBF16(absl::Span<const float> values, std::string* out) {
+namespace {
+
+void EncodeHalf(tessera::v1::DType dtype, absl::Span<const float> values, std::string* out) {
   out->resize(values.size() * 2);
-  EncodeHalfInto(tessera::v1::BF16, values, out->data());
+  EncodeHalfInto(dtype, values, out->data());
+}
+
+}  // namespace
+
+void EncodeBF16(absl::Span<const float> values, std::string* out) {
+  EncodeHalf(tessera::v1::BF16, values, out);
 }
 
 void EncodeF16(absl::Span<const float> values, std::string* out) {
-  out->resize(values.size() * 2);
-  EncodeHalfInto(tessera::v1::F16, values, out->data());
+  EncodeHalf(tessera::v1::F16, values, out);
 }
 
 void EncodeTo(tessera::v1::DType dtype, absl::Span<const float> values, absl::Span<char> out) {
@@ -156,8 +163,7 @@ void EncodeTo(tessera::v1::DType dtype, absl::Span<const float> values, absl::Sp
 
 void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::string* out) {
   if (IsHalf(dtype)) {
-    out->resize(values.size() * 2);
-    EncodeHalfInto(dtype, values, out->data());
+    EncodeHalf(dtype, values, out);
   } else {
     EncodeF32(values, out);
   }

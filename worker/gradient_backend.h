@@ -62,8 +62,8 @@ class GradientBackend {
   // whose gradient is final before the call returns: from that moment the
   // call neither writes p's gradient nor reads p's values again, so the
   // caller may send the one and overwrite the other while backward goes on
-  // (the worker pushes each shard as soon as all of its parameters are
-  // ready, last layer first). Parameters never reported are final when the
+  // (the worker pushes each parameter's gradient, or each shard's, as soon
+  // as it is ready, last layer first). Parameters never reported are final when the
   // call returns. Bad input reports nothing. The default reports nothing
   // early (a backend that copies gradients back only at the end).
   virtual absl::StatusOr<float> ComputeGradientsReporting(absl::Span<const float> params,

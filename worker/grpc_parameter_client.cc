@@ -139,11 +139,7 @@ class ShardStream {
   absl::Status Pull(int64_t step, absl::Span<float> params, int64_t* version) {
     request_.Clear();
     request_.mutable_pull()->set_step(step);
-    decode_into_ = params;
-    const absl::Status s = Call(&request_);
-    decode_into_ = {};
-    TESSERA_RETURN_IF_ERROR(s);
-    return Decode(params, version);
+    return CallForParams(&request_, params, version);
   }
 
   // Whether pushes go on the stream from the serializer's buffer (no
@@ -172,7 +168,7 @@ class ShardStream {
     absl::Span<char> lent;
     zero_copy_.clear();
     lent_.clear();
-    if (region_ == nullptr && !top_k) {
+    if (pushes_on_stream()) {
       uint64_t bytes = 0;
       for (uint32_t id : ids) {
         bytes = AlignPayload(bytes + partition_.blocks()[id].num_elements *
@@ -245,13 +241,11 @@ class ShardStream {
                                              tb->indices().size() +
                                              (lent.empty() ? 0 : zero_copy_[k].size()));
     }
-    decode_into_ = params;
-    const absl::Status s = Call(&push_);
-    decode_into_ = {};
+    const absl::Status s = CallForParams(&push_, params, version);
     wait_param_ = nullptr;
     TESSERA_RETURN_IF_ERROR(s);
     *applied = reply_.push().applied();
-    return Decode(params, version);
+    return absl::OkStatus();
   }
 
  private:
@@ -482,6 +476,17 @@ class ShardStream {
       EncodeTo(options_.wire_dtype, lent_[i].first, lent_[i].second);
     }
     return true;
+  }
+
+  // Call() for a request answered with parameters: decodes them into
+  // `params` (each part as it arrives, when they come in parts).
+  absl::Status CallForParams(ClientMessage* request, absl::Span<float> params,
+                             int64_t* version) {
+    decode_into_ = params;
+    const absl::Status s = Call(request);
+    decode_into_ = {};
+    TESSERA_RETURN_IF_ERROR(s);
+    return Decode(params, version);
   }
 
   // Decodes the reply's parameters (its last part, when it came in parts)

@@ -288,8 +288,9 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     ParameterClient::PushPullResult exchanged;
     float loss = 0;
     if (layerwise) {
-      // Each shard leaves as soon as backward is done with its parameters
-      // and writes the ones it pulls while backward goes on below.
+      // Gradients leave as backward finishes them (per parameter on the
+      // stream, per shard through shared memory); each shard's pulled
+      // parameters are written once all of its gradients have left.
       TESSERA_RETURN_IF_ERROR(client->StartPushAndPull(step, cur_grads, cur_params));
       absl::StatusOr<float> computed = backend->ComputeGradientsReporting(
           cur_params, b, cur_grads, [client](int p) { client->MarkParamReady(p); });
