@@ -8,8 +8,8 @@
 # (`make asan`, `make tsan`, `make fuzz` call this.) Environment:
 #   JOBS          build parallelism (default: nproc)
 #   CTEST_FLAGS   extra ctest arguments (asan, tsan), e.g. "-R shard_store"
-#   TSAN_EXCLUDE  ctest -E regex of tests left out under TSan (default below)
-#   TSAN_GTEST_FILTER  GTEST_FILTER for the TSan run (default below)
+#   TSAN_EXCLUDE  ctest -E regex of tests left out under TSan (default none)
+#   TSAN_GTEST_FILTER  GTEST_FILTER for the TSan run (default none)
 #   ASAN_EXCLUDE  ctest -E regex of tests left out under ASan (default none)
 #   FUZZ_SECONDS  seconds per fuzz target (default 60)
 #   CXX           compiler for asan/tsan (default: CMake's choice, g++);
@@ -26,13 +26,11 @@ mode=${1:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 jobs=${JOBS:-$(nproc)}
 
-# Left out under TSan, where every process runs several times slower (and
-# slower still on a loaded 2-core machine), for a wall-clock bound only:
-#   FaultTest.ServerKilledAndRestartedFromCheckpoint  asserts recovery
-#     within 60 s (about 70 s under TSan); FaultTest's other cases, which
-#     cover the same reconnect and retry paths, still run.
+# Nothing is left out by default. (FaultTest.ServerKilledAndRestartedFromCheckpoint
+# used to be, when it bounded the whole job's time after the restart; it now
+# bounds the recovery itself, which takes 1-2 s under either sanitizer.)
 TSAN_EXCLUDE=${TSAN_EXCLUDE-}
-TSAN_GTEST_FILTER=${TSAN_GTEST_FILTER--FaultTest.ServerKilledAndRestartedFromCheckpoint}
+TSAN_GTEST_FILTER=${TSAN_GTEST_FILTER-}
 ASAN_EXCLUDE=${ASAN_EXCLUDE-}
 
 configure() {
@@ -101,7 +99,7 @@ case "$mode" in
     # GoogleTest reads GTEST_FILTER from the environment (a test's own
     # --gtest_filter, as the canary's child uses, still wins).
     if [ -n "$TSAN_GTEST_FILTER" ]; then
-      echo "GoogleTest cases left out under TSan: $TSAN_GTEST_FILTER"
+      echo "GoogleTest filter under TSan: $TSAN_GTEST_FILTER"
       export GTEST_FILTER="$TSAN_GTEST_FILTER"
     fi
     if [ -n "$TSAN_EXCLUDE" ]; then
