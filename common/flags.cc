@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "absl/flags/flag.h"
+#include "absl/flags/internal/program_name.h"
 #include "absl/flags/internal/usage.h"
 #include "absl/flags/marshalling.h"
 #include "absl/flags/parse.h"
@@ -128,13 +129,18 @@ std::vector<char*> ParseFlagsOrExit(int argc, char** argv, const char* usage) {
     const std::string_view arg = argv[i];
     if (arg == "--") break;
     if (arg == "--help" || arg == "-help" || arg == "-h") {
-      // Abseil's own --help exits 1; people and scripts expect 0.
+      // Abseil's own --help exits 1; people and scripts expect 0. FlagsHelp
+      // starts with "PROGRAM: " (the name ParseCommandLine would have set),
+      // which the usage texts already begin with.
+      absl::flags_internal::SetProgramInvocationName(argv[0]);
+      absl::string_view text = usage;
+      absl::ConsumePrefix(
+          &text, absl::StrCat(absl::flags_internal::ShortProgramInvocationName(), ": "));
       absl::flags_internal::FlagsHelp(std::cout, "_main.cc",
-                                      absl::flags_internal::HelpFormat::kHumanReadable,
-                                      usage);
+                                      absl::flags_internal::HelpFormat::kHumanReadable, text);
       absl::flags_internal::FlagsHelp(std::cout, "common/flags.cc",
                                       absl::flags_internal::HelpFormat::kHumanReadable,
-                                      "Job overrides:");
+                                      "flags that override the job file:");
       std::exit(0);
     }
   }

@@ -11,6 +11,7 @@
 #include <limits>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
@@ -560,6 +561,10 @@ TEST(CommandLineTest, HelpExitsZeroAndListsFlags) {
   for (const auto& [binary, flag] : binaries) {
     RunResult r = RunProgram({Bin(binary), "--help"}, dir, absl::Seconds(10));
     EXPECT_EQ(r.status, 0) << binary;
+    // One header naming the program, not Abseil's placeholder.
+    EXPECT_TRUE(absl::StartsWith(r.output, absl::StrCat(binary, ": "))) << r.output;
+    EXPECT_FALSE(absl::StrContains(r.output, absl::StrCat(binary, ": ", binary, ":"))) << r.output;
+    EXPECT_FALSE(absl::StrContains(r.output, "UNKNOWN")) << r.output;
     EXPECT_NE(r.output.find(std::string(flag).substr(2)), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("learning_rate"), std::string::npos) << r.output;
   }
