@@ -143,6 +143,9 @@ def machine_info():
         "memory_gib": round(mem_kb / 2**20, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernel": platform.release(),
+        # TCP figures depend on it (on loopback BBR's pacing costs speed).
+        "tcp_congestion_control": read_first("/proc/sys/net/ipv4/tcp_congestion_control",
+                                             "unknown").strip(),
         "debian_version": read_first("/etc/debian_version", "unknown"),
         "debian_libblas": debian_blas(),
         "torch": torch_info(),
@@ -677,7 +680,8 @@ def write_report(results, path, plots):
     torch = m.get("torch", {})
     L.append(md_table(["", ""], [
         ["CPU", f"{m['cpu_model']}, nproc {m['nproc']}, {m['memory_gib']} GiB"],
-        ["OS", f"Debian {m['debian_version']}, Linux {m['kernel']}"],
+        ["OS", f"Debian {m['debian_version']}, Linux {m['kernel']}, TCP congestion control "
+               f"{m.get('tcp_congestion_control', 'not recorded')}"],
         ["Debian libblas.so.3", f"`{m['debian_libblas']}`"],
         ["PyTorch", f"{torch.get('torch', '?')}, BLAS_INFO={torch.get('blas_info', '?')}, loads "
                     + ", ".join(f"`{p}`" for p in torch.get('blas_libraries', [])) ],

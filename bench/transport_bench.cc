@@ -63,6 +63,7 @@
 #include "common/partition.h"
 #include "common/session_stream.h"
 #include "common/shared_region.h"
+#include "common/socket_tuning.h"
 #include "common/subprocess.h"
 #include "common/tensor_codec.h"
 #include "proto/tessera.grpc.pb.h"
@@ -77,6 +78,10 @@ ABSL_FLAG(int64_t, block_bytes, 4 << 20, "job.block_bytes of the benchmark job."
 ABSL_FLAG(int64_t, stream_part_bytes, 4 << 20,
           "Pushes and pulled parameters on the stream go in parts of at least this many "
           "payload bytes (whole blocks; 0: one message each), as workers exchange them.");
+ABSL_FLAG(std::string, tcp_congestion, "",
+          "TCP congestion-control algorithm of every socket of the run, as the processes' "
+          "flag of that name (empty: cubic on loopback where allowed, as workers and "
+          "servers do).");
 ABSL_FLAG(bool, noop_baseline, true,
           "Also run the loops against the no-op gRPC server (gRPC + protobuf floor).");
 ABSL_FLAG(std::string, directions, "push,pull", "Which loops to time: push, pull or both.");
@@ -229,6 +234,22 @@ class NoopService final : public tessera::v1::ParameterService::Service {
   ServerMessage pull_reply_;  // one stream at a time in this bench
 };
 
+// The sockets' options workers and servers use by default (or with
+// --tcp_congestion).
+absl::StatusOr<SocketTuning> BenchTuning() {
+  SocketTuning tuning;
+  tuning.tcp_rto_min_us = kDefaultTcpRtoMinUs;
+  tuning.tcp_congestion = absl::GetFlag(FLAGS_tcp_congestion);
+  const absl::Status s = CheckSocketTuning(tuning);
+  if (absl::IsUnimplemented(s)) {
+    tuning.tcp_rto_min_us = 0;
+  } else if (!s.ok()) {
+    return s;
+  }
+  SetLoopbackCongestion(&tuning);
+  return tuning;
+}
+
 int ServeNoop(const std::string& job_path, const std::string& listen,
               const std::string& port_file) {
   absl::StatusOr<tessera::v1::JobSpec> job = LoadJob(job_path, {});
@@ -241,9 +262,15 @@ int ServeNoop(const std::string& job_path, const std::string& listen,
   absl::StatusOr<Partition> partition = Partition::Create(*model, 1, job->block_bytes());
   if (!partition.ok()) return 1;
   NoopService service(*partition);
+  absl::StatusOr<SocketTuning> tuning = BenchTuning();
+  if (!tuning.ok()) {
+    std::cerr << "transport_bench: " << tuning.status().message() << "\n";
+    return 1;
+  }
   int port = 0;
   grpc::ServerBuilder builder;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  ApplySocketTuning(*tuning, &builder);
   builder.SetMaxReceiveMessageSize(-1);
   builder.SetMaxSendMessageSize(-1);
   builder.RegisterService(&service);
@@ -306,11 +333,13 @@ struct DirectionResult {
 class BenchClient {
  public:
   BenchClient(const std::string& target, const Partition& partition, uint64_t job_hash,
-              bool shared_memory)
+              bool shared_memory, const SocketTuning& tuning)
       : partition_(partition) {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
+    // The sockets the workers' channels would have.
+    ApplySocketTuning(ForTarget(tuning, target), &args);
     channel_ = grpc::CreateCustomChannel(target,
                                          grpc::InsecureChannelCredentials(), args);
     stream_ = std::make_unique<SessionStream>(channel_, &ctx_);
@@ -692,6 +721,23 @@ int Main() {
     return 2;
   }
   const bool unix_socket = transport == "unix";
+  absl::StatusOr<SocketTuning> tuning = BenchTuning();
+  if (!tuning.ok()) {
+    std::cerr << "transport_bench: " << tuning.status().message() << "\n";
+    return 2;
+  }
+  // The algorithm the TCP connections of this run use (a Unix-domain
+  // socket has none).
+  std::string tcp_congestion = "none";
+  if (!unix_socket) {
+    tcp_congestion = ForTarget(*tuning, "127.0.0.1:1").tcp_congestion;
+    if (tcp_congestion.empty()) {
+      std::ifstream in("/proc/sys/net/ipv4/tcp_congestion_control");
+      std::string system;
+      in >> system;
+      tcp_congestion = absl::StrCat("system: ", system);
+    }
+  }
   std::vector<std::string> size_docs;
   for (int64_t mib : sizes) {
     const std::string job_path = absl::StrCat(dir, "/job-", mib, ".textproto");
@@ -737,6 +783,9 @@ int Main() {
     for (const Target& t : targets) {
       const std::string port_file = absl::StrCat(dir, "/", t.name, "-", mib, ".port");
       std::vector<std::string> argv = t.argv;
+      if (!absl::GetFlag(FLAGS_tcp_congestion).empty()) {
+        argv.push_back("--tcp_congestion=" + absl::GetFlag(FLAGS_tcp_congestion));
+      }
       argv.push_back(t.name == "tessera" ? "--port_file=" + port_file : "--serve_noop=" + port_file);
       absl::StatusOr<ServerChild> server =
           StartServer(argv, port_file, absl::StrCat(dir, "/", t.name, "-", mib, ".log"));
@@ -749,7 +798,7 @@ int Main() {
         const std::string target = unix_socket
                                        ? t.argv.back().substr(std::string("--listen=").size())
                                        : absl::StrCat("127.0.0.1:", server->port);
-        BenchClient client(target, *partition, JobHash(*job), transport == "shm");
+        BenchClient client(target, *partition, JobHash(*job), transport == "shm", *tuning);
         if (!client.ok()) {
           std::cerr << "transport_bench: Hello to " << t.name << " failed " << client.error()
                     << "\n";
@@ -792,6 +841,7 @@ int Main() {
   const std::string doc = absl::StrCat(
       "{\"benchmark\": \"transport\", \"units\": \"GB/s = payload bytes / wall seconds / 1e9\", ",
       "\"transport\": \"", transport, "\", ",
+      "\"tcp_congestion\": \"", tcp_congestion, "\", ",
       "\"block_bytes\": ", block_bytes,
       ", \"stream_part_bytes\": ", absl::GetFlag(FLAGS_stream_part_bytes), ", \"rounds\": ", rounds,
       ", \"load_average_start\": ", JsonArray({load[0], load[1], load[2]}),

@@ -37,6 +37,13 @@ ABSL_FLAG(std::optional<int32_t>, tcp_rto_min_us, std::nullopt,
           "HZ=250). 0 keeps the system's floor (200 ms unless net.ipv4.tcp_rto_min_us says "
           "otherwise). "
           "Needs Linux 6.15 or later; older kernels keep the system's floor with a warning.");
+ABSL_FLAG(std::string, tcp_congestion, "",
+          "TCP congestion-control algorithm for this process's gRPC sockets, for example "
+          "bbr, which keeps a link with random packet loss busier than cubic does (and "
+          "on loopback is slower). Empty keeps the system's "
+          "(net.ipv4.tcp_congestion_control), except on connections between loopback "
+          "addresses, which use cubic. An algorithm this kernel does not offer to this "
+          "process is an error.");
 ABSL_FLAG(bool, shared_memory, true,
           "Same-host fast path: workers offer servers on this host (loopback or unix: "
           "addresses) a shared-memory region for tensor payloads, and servers accept it. "
@@ -192,6 +199,8 @@ SecurityFiles SecurityFilesFromFlags() {
 absl::StatusOr<SocketTuning> SocketTuningFromFlags() {
   SocketTuning tuning;
   tuning.tcp_rto_min_us = absl::GetFlag(FLAGS_tcp_rto_min_us).value_or(kDefaultTcpRtoMinUs);
+  tuning.tcp_congestion = absl::GetFlag(FLAGS_tcp_congestion);
+  SetLoopbackCongestion(&tuning);
   const absl::Status s = CheckSocketTuning(tuning);
   if (absl::IsUnimplemented(s)) {
     // Only worth a line when the user asked for the floor by name.
@@ -247,6 +256,9 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_wire_dtype, "wire_dtype", &out);
   Forward(FLAGS_top_k_fraction, "top_k_fraction", &out);
   Forward(FLAGS_tcp_rto_min_us, "tcp_rto_min_us", &out);
+  if (const std::string cc = absl::GetFlag(FLAGS_tcp_congestion); !cc.empty()) {
+    out.push_back(absl::StrCat("--tcp_congestion=", cc));
+  }
   Forward(FLAGS_stream_part_bytes, "stream_part_bytes", &out);
   if (!absl::GetFlag(FLAGS_shared_memory)) out.push_back("--shared_memory=false");
   if (absl::GetFlag(FLAGS_layerwise_push)) out.push_back("--layerwise_push=true");

@@ -30,8 +30,8 @@ JobOverrides JobOverridesFromFlags();
 // --tls_ca, --tls_cert, --tls_key, --token_file, --admin_token_file.
 SecurityFiles SecurityFilesFromFlags();
 
-// --tcp_rto_min_us, checked against this kernel: kInvalidArgument naming
-// the flag for a value the kernel refuses. On a kernel without a per-socket
+// --tcp_rto_min_us and --tcp_congestion, checked against this kernel:
+// kInvalidArgument naming the flag for a value the kernel refuses. On a kernel without a per-socket
 // floor it returns 0 (the system's floor), with a warning on stderr when the
 // flag was given.
 absl::StatusOr<SocketTuning> SocketTuningFromFlags();
@@ -51,8 +51,8 @@ std::vector<std::string> ForwardedSecurityFlags();
 
 // The given override flags as "--name=value" arguments, to pass on to
 // child processes so that every process computes the same job; also
-// --tcp_rto_min_us and --stream_part_bytes when given, --shared_memory=false
-// and --layerwise_push=true.
+// --tcp_rto_min_us, --tcp_congestion and --stream_part_bytes when given,
+// --shared_memory=false and --layerwise_push=true.
 std::vector<std::string> ForwardedJobFlags();
 
 // Writes `port` and a newline to `path` through a temporary file and a

@@ -1,5 +1,6 @@
 #include "common/socket_tuning.h"
 
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
@@ -8,13 +9,21 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
+#include <fstream>
 #include <memory>
+#include <string>
 
 #include <grpc/support/sync.h>
 #include <grpcpp/server_builder.h>
 #include <grpcpp/support/channel_arguments.h>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/shared_region.h"
+#include "common/status_macros.h"
 
 // gRPC's public headers name the socket mutator (GRPC_ARG_SOCKET_MUTATOR,
 // ChannelArguments::SetSocketMutator) but keep its layout in
@@ -46,6 +55,10 @@ void grpc_socket_mutator_init(grpc_socket_mutator* mutator,
 namespace tessera {
 namespace {
 
+// The kernel's limit on an algorithm's name, terminating NUL included
+// (TCP_CA_NAME_MAX in the kernel's include/net/tcp.h).
+constexpr size_t kCongestionNameMax = 16;
+
 // Linux 6.15 <linux/tcp.h>; bookworm's headers predate it.
 #ifndef TCP_RTO_MIN_US
 #define TCP_RTO_MIN_US 45
@@ -54,6 +67,8 @@ namespace {
 std::atomic<int64_t> g_tuned[3] = {0, 0, 0};  // by grpc_fd_usage
 std::atomic<int64_t> g_refused{0};
 std::atomic<int> g_last_read_back_us{0};
+ABSL_CONST_INIT absl::Mutex g_congestion_mu(absl::kConstInit);
+std::string* g_last_congestion ABSL_GUARDED_BY(g_congestion_mu) = nullptr;
 
 // Sets the floor on `fd` and reads it back. errno is left from a failure.
 bool SetRtoMin(int fd, int us, int* read_back) {
@@ -62,21 +77,71 @@ bool SetRtoMin(int fd, int us, int* read_back) {
   return getsockopt(fd, IPPROTO_TCP, TCP_RTO_MIN_US, read_back, &len) == 0;
 }
 
+// Sets the congestion-control algorithm on `fd` and reads it back. errno is
+// left from a failure.
+bool SetCongestion(int fd, const std::string& name, std::string* read_back) {
+  if (setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, name.data(),
+                 static_cast<socklen_t>(name.size())) != 0) {
+    return false;
+  }
+  char buf[kCongestionNameMax] = {};
+  socklen_t len = sizeof(buf);
+  if (getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, buf, &len) != 0) return false;
+  read_back->assign(buf, strnlen(buf, std::min<size_t>(len, sizeof(buf))));
+  return true;
+}
+
+// Whether the connected socket's peer is a loopback address (127.0.0.0/8,
+// ::1, or 127.x mapped into IPv6).
+bool PeerIsLoopback(int fd) {
+  sockaddr_storage addr;
+  socklen_t len = sizeof(addr);
+  if (getpeername(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) return false;
+  if (addr.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
+    return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (addr.ss_family == AF_INET6) {
+    const in6_addr& a = reinterpret_cast<const sockaddr_in6*>(&addr)->sin6_addr;
+    if (IN6_IS_ADDR_LOOPBACK(&a)) return true;
+    return IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127;
+  }
+  return false;
+}
+
 struct TuningMutator : grpc_socket_mutator {
   SocketTuning tuning;
 
   static bool Mutate(int fd, grpc_fd_usage usage, const SocketTuning& tuning) {
     sockaddr_storage addr;
     socklen_t len = sizeof(addr);
-    // Unix-domain sockets have no retransmissions.
+    // Unix-domain sockets have no retransmissions and no congestion control.
     if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0 ||
         (addr.ss_family != AF_INET && addr.ss_family != AF_INET6)) {
       return true;
     }
-    int read_back = 0;
-    if (SetRtoMin(fd, tuning.tcp_rto_min_us, &read_back)) {
+    std::string congestion = tuning.tcp_congestion;
+    if (congestion.empty() && usage == GRPC_FD_SERVER_CONNECTION_USAGE &&
+        !tuning.loopback_congestion.empty() && PeerIsLoopback(fd)) {
+      congestion = tuning.loopback_congestion;
+    }
+    bool ok = true;
+    if (tuning.tcp_rto_min_us > 0) {
+      int read_back = 0;
+      ok = SetRtoMin(fd, tuning.tcp_rto_min_us, &read_back);
+      if (ok) g_last_read_back_us.store(read_back, std::memory_order_relaxed);
+    }
+    if (ok && !congestion.empty()) {
+      std::string read_back;
+      ok = SetCongestion(fd, congestion, &read_back);
+      if (ok) {
+        absl::MutexLock lock(&g_congestion_mu);
+        if (g_last_congestion == nullptr) g_last_congestion = new std::string;
+        *g_last_congestion = std::move(read_back);
+      }
+    }
+    if (ok) {
       g_tuned[usage].fetch_add(1, std::memory_order_relaxed);
-      g_last_read_back_us.store(read_back, std::memory_order_relaxed);
     } else {
       g_refused.fetch_add(1, std::memory_order_relaxed);
     }
@@ -95,9 +160,12 @@ const grpc_socket_mutator_vtable TuningMutator::kVtable = {
     },
     /*compare=*/
     [](grpc_socket_mutator* a, grpc_socket_mutator* b) {
-      const int x = static_cast<TuningMutator*>(a)->tuning.tcp_rto_min_us;
-      const int y = static_cast<TuningMutator*>(b)->tuning.tcp_rto_min_us;
-      return x < y ? -1 : (x > y ? 1 : 0);
+      const SocketTuning& x = static_cast<TuningMutator*>(a)->tuning;
+      const SocketTuning& y = static_cast<TuningMutator*>(b)->tuning;
+      if (x.tcp_rto_min_us != y.tcp_rto_min_us) return x.tcp_rto_min_us < y.tcp_rto_min_us ? -1 : 1;
+      int c = x.tcp_congestion.compare(y.tcp_congestion);
+      if (c == 0) c = x.loopback_congestion.compare(y.loopback_congestion);
+      return c < 0 ? -1 : (c > 0 ? 1 : 0);
     },
     /*destroy=*/[](grpc_socket_mutator* m) { delete static_cast<TuningMutator*>(m); },
     /*mutate_fd_2=*/
@@ -129,9 +197,45 @@ class TuningOption : public grpc::ServerBuilderOption {
   SocketTuning tuning_;
 };
 
+// The contents of a /proc/sys file without its newline, or "?".
+std::string ReadSysctl(const char* path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!std::getline(in, line)) return "?";
+  return line;
+}
+
+absl::Status CheckCongestion(const std::string& name) {
+  if (name.empty()) return absl::OkStatus();
+  if (name.size() >= kCongestionNameMax) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tcp_congestion: '", name, "' is longer than Linux allows (", kCongestionNameMax - 1,
+        " characters)"));
+  }
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  std::string read_back;
+  const bool ok = SetCongestion(fd, name, &read_back);
+  const int err = errno;
+  close(fd);
+  if (ok) return absl::OkStatus();
+  if (err == EPERM) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tcp_congestion: this process may not use '", name,
+        "' (net.ipv4.tcp_allowed_congestion_control: ",
+        ReadSysctl("/proc/sys/net/ipv4/tcp_allowed_congestion_control"),
+        "; CAP_NET_ADMIN may use any available one)"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--tcp_congestion: this kernel has no '", name, "' (", std::strerror(err),
+      "; net.ipv4.tcp_available_congestion_control: ",
+      ReadSysctl("/proc/sys/net/ipv4/tcp_available_congestion_control"), ")"));
+}
+
 }  // namespace
 
 absl::Status CheckSocketTuning(const SocketTuning& tuning) {
+  TESSERA_RETURN_IF_ERROR(CheckCongestion(tuning.tcp_congestion));
   if (tuning.tcp_rto_min_us == 0) return absl::OkStatus();
   if (tuning.tcp_rto_min_us < 0 || tuning.tcp_rto_min_us > 200000) {
     return absl::InvalidArgumentError(
@@ -158,13 +262,27 @@ absl::Status CheckSocketTuning(const SocketTuning& tuning) {
 }
 
 void ApplySocketTuning(const SocketTuning& tuning, grpc::ChannelArguments* args) {
-  if (tuning.tcp_rto_min_us == 0) return;
+  if (tuning.empty()) return;
   args->SetSocketMutator(NewMutator(tuning));
 }
 
 void ApplySocketTuning(const SocketTuning& tuning, grpc::ServerBuilder* builder) {
-  if (tuning.tcp_rto_min_us == 0) return;
+  if (tuning.empty()) return;
   builder->SetOption(std::make_unique<TuningOption>(tuning));
+}
+
+void SetLoopbackCongestion(SocketTuning* tuning) {
+  tuning->loopback_congestion.clear();
+  if (CheckCongestion(kLoopbackCongestion).ok()) tuning->loopback_congestion = kLoopbackCongestion;
+}
+
+SocketTuning ForTarget(const SocketTuning& tuning, absl::string_view target) {
+  SocketTuning t = tuning;
+  if (t.tcp_congestion.empty() && !t.loopback_congestion.empty() && IsLocalTarget(target) &&
+      !absl::StartsWith(target, "unix")) {
+    t.tcp_congestion = t.loopback_congestion;
+  }
+  return t;
 }
 
 SocketTuningCounts GetSocketTuningCounts() {
@@ -174,6 +292,8 @@ SocketTuningCounts GetSocketTuningCounts() {
   c.server_connections = g_tuned[GRPC_FD_SERVER_CONNECTION_USAGE].load(std::memory_order_relaxed);
   c.refused = g_refused.load(std::memory_order_relaxed);
   c.last_read_back_us = g_last_read_back_us.load(std::memory_order_relaxed);
+  absl::MutexLock lock(&g_congestion_mu);
+  if (g_last_congestion != nullptr) c.last_congestion = *g_last_congestion;
   return c;
 }
 

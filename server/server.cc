@@ -152,7 +152,7 @@ void TesseraServer::JoinLoop(ServerOptions options, uint64_t job_hash) {
     return;
   }
   grpc::ChannelArguments args;
-  ApplySocketTuning(options.socket_tuning, &args);
+  ApplySocketTuning(ForTarget(options.socket_tuning, options.coordinator_address), &args);
   auto channel = grpc::CreateCustomChannel(options.coordinator_address, *credentials, args);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   tessera::v1::RegisterServerRequest request;

@@ -114,7 +114,7 @@ class ShardStream {
     // after a partition whose SYNs were dropped, an attempt begun during
     // the outage would hold off the next one for 20 s after the heal.
     args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
-    ApplySocketTuning(options.socket_tuning, &args);
+    ApplySocketTuning(ForTarget(options.socket_tuning, address_), &args);
     channel_ = grpc::CreateCustomChannel(
         address_,
         options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),

@@ -18,8 +18,8 @@
 #        decides the figures.
 #        RTO_MIN_US: when set, net.ipv4.tcp_rto_min_us in every host's
 #        namespace (the system-wide floor, for comparison).
-#        CC_ALGO: when set, net.ipv4.tcp_congestion_control in every host's
-#        namespace (for example bbr; the default is the system's, cubic).
+#        TCP_CONGESTION: when set, --tcp_congestion for every server and
+#        worker (for example bbr; their default is the system's, cubic).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] && CHAOS_BIN=$1
@@ -31,10 +31,6 @@ run_limit_s=${RUN_LIMIT_S:-120}
 CHAOS_MTU_PACKETS=w1
 chaos_init loss "${SUBNET:-169.254.79}"
 chaos_hosts s0 s1 w0 w1
-if [ -n "${CC_ALGO:-}" ]; then
-  for h in s0 s1 w0 w1; do chaos_in "$h" sysctl -qw net.ipv4.tcp_congestion_control="$CC_ALGO"; done
-  echo "== congestion control $CC_ALGO"
-fi
 if [ -n "${RTO_MIN_US:-}" ]; then
   for h in s0 s1 w0 w1; do chaos_in "$h" sysctl -qw net.ipv4.tcp_rto_min_us="$RTO_MIN_US"; done
   echo "== net.ipv4.tcp_rto_min_us = $RTO_MIN_US in every host namespace"
@@ -44,6 +40,13 @@ flags=(--max_steps="$max_steps" --epochs=1000)
 if [ -n "${TCP_RTO_MIN_US:-}" ]; then
   flags+=(--tcp_rto_min_us="$TCP_RTO_MIN_US")
   echo "== --tcp_rto_min_us=$TCP_RTO_MIN_US on every server and worker"
+fi
+if [ -n "${TCP_CONGESTION:-}" ]; then
+  flags+=(--tcp_congestion="$TCP_CONGESTION")
+  echo "== --tcp_congestion=$TCP_CONGESTION on every server and worker"
+else
+  # The figures depend on it: name the one in use.
+  echo "== congestion control: the system's, $(chaos_in w1 cat /proc/sys/net/ipv4/tcp_congestion_control)"
 fi
 batch=128  # examples/fashion_mnist_mlp.textproto, per worker
 
