@@ -3,7 +3,8 @@
 
 Stages, run one after another (never two at once):
 
-  iperf3     one TCP stream on 127.0.0.1 (iperf3 -t 5 -P 1), before and after
+  iperf3     one TCP stream on 127.0.0.1 (iperf3 -t 5 -P 1 -C cubic, the algorithm
+             Tessera's loopback connections use), before and after
              the transport stage; the higher figure is the reference
   transport  build/bin/transport_bench: push and pull through a real
              tessera-server at 1, 16 and 64 MiB (1 server, 1 worker stream),
@@ -266,9 +267,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def loopback_congestion():
+    """The TCP congestion control Tessera's loopback connections use: cubic
+    where the kernel offers it (common/socket_tuning.h), else the system's.
+    iperf3 runs with the same one so that the ratios compare like with like."""
+    available = read_first("/proc/sys/net/ipv4/tcp_available_congestion_control").split()
+    if "cubic" in available:
+        return "cubic"
+    return read_first("/proc/sys/net/ipv4/tcp_congestion_control", "unknown")
+
+
 def run_iperf3(seconds):
     if shutil.which("iperf3") is None:
         sys.exit("error: iperf3 is missing (apt-get install iperf3; `make bench` installs it)")
+    congestion = loopback_congestion()
     port = free_port()
     server = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -277,7 +289,8 @@ def run_iperf3(seconds):
         for _ in range(50):  # the server needs a moment to listen
             time.sleep(0.1)
             r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds),
-                                "-P", "1", "-J"], capture_output=True, text=True)
+                                "-P", "1", "-C", congestion, "-J"],
+                               capture_output=True, text=True)
             if r.returncode == 0:
                 out = r.stdout
                 break
@@ -296,7 +309,9 @@ def run_iperf3(seconds):
         "seconds": seconds,
         "streams": 1,
         "cpu_utilization_percent": end.get("cpu_utilization_percent", {}),
-        "command": f"iperf3 -s -1 -B 127.0.0.1 -p PORT; iperf3 -c 127.0.0.1 -p PORT -t {seconds} -P 1 -J",
+        "tcp_congestion": congestion,
+        "command": f"iperf3 -s -1 -B 127.0.0.1 -p PORT; "
+                   f"iperf3 -c 127.0.0.1 -p PORT -t {seconds} -P 1 -C {congestion} -J",
     }
 
 
