@@ -4,6 +4,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -53,36 +54,73 @@ TEST(SocketTuningTest, KernelRefusalIsReportedNotIgnored) {
   EXPECT_TRUE(CheckSocketTuning(Floor(200000)).ok());
 }
 
+// A server on 127.0.0.1 whose sockets get `tuning`, to watch the hook on
+// real connections. Any synchronous service will do: only connections
+// matter here.
+class TunedServer {
+ public:
+  explicit TunedServer(const SocketTuning& tuning) {
+    grpc::ServerBuilder builder;
+    builder.RegisterService(&service_);
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    ApplySocketTuning(tuning, &builder);
+    server_ = builder.BuildAndStart();
+  }
+  ~TunedServer() {
+    if (server_ != nullptr) server_->Shutdown();
+  }
+  bool ok() const { return server_ != nullptr && port_ > 0; }
+
+  // Connects a channel whose sockets get `client` (`unique` keeps gRPC
+  // from sharing another channel's connection) and, with
+  // `wait_for_server`, waits until the server has accepted and tuned its
+  // end (it accepts on its own thread). The channel stays open.
+  bool Connect(const SocketTuning& client, int unique, bool wait_for_server) {
+    const SocketTuningCounts before = GetSocketTuningCounts();
+    grpc::ChannelArguments args;
+    args.SetInt("tessera.test.unique", unique);
+    ApplySocketTuning(client, &args);
+    channels_.push_back(grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port_),
+                                                  grpc::InsecureChannelCredentials(), args));
+    if (!channels_.back()->WaitForConnected(std::chrono::system_clock::now() +
+                                            std::chrono::seconds(10))) {
+      return false;
+    }
+    for (int i = 0; wait_for_server && i < 200 &&
+                    GetSocketTuningCounts().server_connections == before.server_connections;
+         ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
+  }
+
+ private:
+  tessera::v1::CoordinatorService::Service service_;
+  int port_ = 0;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
+};
+
+// An algorithm this process may use other than `not_this`, or "". The
+// counts are per process, so a test that reads last_congestion back picks
+// one that no earlier socket reported.
+std::string OtherAllowedAlgorithm(const std::string& not_this) {
+  for (const char* name : {"reno", "cubic", "bbr"}) {
+    if (name != not_this && CheckSocketTuning(Congestion(name)).ok()) return name;
+  }
+  return "";
+}
+
 // The hook runs on all three kinds of socket of a real connection on
 // 127.0.0.1 and the kernel reports the floor back (rounded up to its tick).
 TEST(SocketTuningTest, FloorLandsOnListenerAndBothEndsOfAConnection) {
   if (!KernelHasRtoMin()) GTEST_SKIP() << "kernel has no TCP_RTO_MIN_US (Linux < 6.15)";
   const SocketTuning tuning = Floor(20000);
   const SocketTuningCounts before = GetSocketTuningCounts();
-
-  // Any synchronous service will do: only connections matter here.
-  tessera::v1::CoordinatorService::Service service;
-  grpc::ServerBuilder builder;
-  builder.RegisterService(&service);
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  ApplySocketTuning(tuning, &builder);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(server, nullptr);
-  ASSERT_GT(port, 0);
-
-  grpc::ChannelArguments args;
-  ApplySocketTuning(tuning, &args);
-  auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
-                                           grpc::InsecureChannelCredentials(), args);
-  ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() +
-                                        std::chrono::seconds(10)));
-  // The server side accepts on its own thread.
-  SocketTuningCounts after = GetSocketTuningCounts();
-  for (int i = 0; i < 200 && after.server_connections == before.server_connections; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    after = GetSocketTuningCounts();
-  }
+  TunedServer server(tuning);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE(server.Connect(tuning, 1, /*wait_for_server=*/true));
+  const SocketTuningCounts after = GetSocketTuningCounts();
   EXPECT_GE(after.server_listeners, before.server_listeners + 1);
   EXPECT_GE(after.client_connections, before.client_connections + 1);
   EXPECT_GE(after.server_connections, before.server_connections + 1);
@@ -90,17 +128,10 @@ TEST(SocketTuningTest, FloorLandsOnListenerAndBothEndsOfAConnection) {
   // 20 ms is a whole number of ticks at HZ 100, 250 and 1000.
   EXPECT_EQ(after.last_read_back_us, 20000);
 
-  // Without a floor the client's socket is not touched (the channel
-  // arguments differ, so it gets a connection of its own).
-  grpc::ChannelArguments plain;
-  ApplySocketTuning(SocketTuning(), &plain);
-  auto untuned = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
-                                           grpc::InsecureChannelCredentials(), plain);
+  // Without a floor the client's socket is not touched.
   const SocketTuningCounts mid = GetSocketTuningCounts();
-  ASSERT_TRUE(untuned->WaitForConnected(std::chrono::system_clock::now() +
-                                        std::chrono::seconds(10)));
+  ASSERT_TRUE(server.Connect(SocketTuning(), 2, /*wait_for_server=*/false));
   EXPECT_EQ(GetSocketTuningCounts().client_connections, mid.client_connections);
-  server->Shutdown();
 }
 
 TEST(SocketTuningTest, UnknownCongestionControlIsRefusedNamingTheFlag) {
@@ -118,41 +149,21 @@ TEST(SocketTuningTest, UnknownCongestionControlIsRefusedNamingTheFlag) {
   EXPECT_TRUE(absl::IsInvalidArgument(CheckSocketTuning(both)));
 }
 
-// The algorithm lands on the listener and both ends of a real connection,
-// with or without a floor. Reno rather than BBR: it is in every kernel
-// and not the usual default (cubic), so the read-back shows the change.
+// The algorithm lands on the listener and both ends of a real connection.
 TEST(SocketTuningTest, CongestionControlLandsOnBothEndsOfAConnection) {
-  if (!CheckSocketTuning(Congestion("reno")).ok()) GTEST_SKIP() << "reno not allowed here";
-  const SocketTuning tuning = Congestion("reno");
   const SocketTuningCounts before = GetSocketTuningCounts();
-
-  tessera::v1::CoordinatorService::Service service;
-  grpc::ServerBuilder builder;
-  builder.RegisterService(&service);
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  ApplySocketTuning(tuning, &builder);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(server, nullptr);
-  ASSERT_GT(port, 0);
-
-  grpc::ChannelArguments args;
-  ApplySocketTuning(tuning, &args);
-  auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
-                                           grpc::InsecureChannelCredentials(), args);
-  ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() +
-                                        std::chrono::seconds(10)));
-  SocketTuningCounts after = GetSocketTuningCounts();
-  for (int i = 0; i < 200 && after.server_connections == before.server_connections; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    after = GetSocketTuningCounts();
-  }
+  const std::string algorithm = OtherAllowedAlgorithm(before.last_congestion);
+  if (algorithm.empty()) GTEST_SKIP() << "no second algorithm allowed here";
+  const SocketTuning tuning = Congestion(algorithm);
+  TunedServer server(tuning);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE(server.Connect(tuning, 3, /*wait_for_server=*/true));
+  const SocketTuningCounts after = GetSocketTuningCounts();
   EXPECT_GE(after.server_listeners, before.server_listeners + 1);
   EXPECT_GE(after.client_connections, before.client_connections + 1);
   EXPECT_GE(after.server_connections, before.server_connections + 1);
   EXPECT_EQ(after.refused, before.refused);
-  EXPECT_EQ(after.last_congestion, "reno");
-  server->Shutdown();
+  EXPECT_EQ(after.last_congestion, algorithm);
 }
 
 TEST(SocketTuningTest, LoopbackTargetsGetTheLoopbackAlgorithm) {
@@ -175,45 +186,19 @@ TEST(SocketTuningTest, LoopbackTargetsGetTheLoopbackAlgorithm) {
 // loopback address; the client here asks for nothing, so only the
 // server's end of the connection changes.
 TEST(SocketTuningTest, ServerUsesTheLoopbackAlgorithmForLoopbackPeers) {
-  // The counts are per process: pick an algorithm other than the one the
-  // last tuned socket reported, so the read-back shows this server's.
   const SocketTuningCounts before = GetSocketTuningCounts();
-  std::string algorithm;
-  for (const char* name : {"reno", "cubic", "bbr"}) {
-    if (name != before.last_congestion && CheckSocketTuning(Congestion(name)).ok()) {
-      algorithm = name;
-      break;
-    }
-  }
+  const std::string algorithm = OtherAllowedAlgorithm(before.last_congestion);
   if (algorithm.empty()) GTEST_SKIP() << "no second algorithm allowed here";
   SocketTuning tuning;
   tuning.loopback_congestion = algorithm;
-
-  tessera::v1::CoordinatorService::Service service;
-  grpc::ServerBuilder builder;
-  builder.RegisterService(&service);
-  int port = 0;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-  ApplySocketTuning(tuning, &builder);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  ASSERT_NE(server, nullptr);
-
-  grpc::ChannelArguments plain;
-  plain.SetInt("tessera.test.unique", 3);  // a connection of its own
-  auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
-                                           grpc::InsecureChannelCredentials(), plain);
-  ASSERT_TRUE(channel->WaitForConnected(std::chrono::system_clock::now() +
-                                        std::chrono::seconds(10)));
-  SocketTuningCounts after = GetSocketTuningCounts();
-  for (int i = 0; i < 200 && after.server_connections == before.server_connections; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    after = GetSocketTuningCounts();
-  }
+  TunedServer server(tuning);
+  ASSERT_TRUE(server.ok());
+  ASSERT_TRUE(server.Connect(SocketTuning(), 4, /*wait_for_server=*/true));
+  const SocketTuningCounts after = GetSocketTuningCounts();
   EXPECT_GE(after.server_connections, before.server_connections + 1);
   EXPECT_EQ(after.client_connections, before.client_connections);
   EXPECT_EQ(after.refused, before.refused);
   EXPECT_EQ(after.last_congestion, algorithm);
-  server->Shutdown();
 }
 
 }  // namespace
