@@ -31,9 +31,10 @@ JobOverrides JobOverridesFromFlags();
 SecurityFiles SecurityFilesFromFlags();
 
 // --tcp_rto_min_us and --tcp_congestion, checked against this kernel:
-// kInvalidArgument naming the flag for a value the kernel refuses. On a kernel without a per-socket
-// floor it returns 0 (the system's floor), with a warning on stderr when the
-// flag was given.
+// kInvalidArgument naming the flag for a value the kernel refuses. On a
+// kernel without a per-socket floor the floor is 0 (the system's), with a
+// warning on stderr when the flag was given. Loopback connections get
+// cubic where the kernel lets this process use it.
 absl::StatusOr<SocketTuning> SocketTuningFromFlags();
 
 // --shared_memory.

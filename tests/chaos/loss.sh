@@ -19,7 +19,8 @@
 #        RTO_MIN_US: when set, net.ipv4.tcp_rto_min_us in every host's
 #        namespace (the system-wide floor, for comparison).
 #        TCP_CONGESTION: when set, --tcp_congestion for every server and
-#        worker (for example bbr; their default is the system's, cubic).
+#        worker (for example bbr or cubic); otherwise they use the system's
+#        algorithm, which the script prints.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] && CHAOS_BIN=$1
