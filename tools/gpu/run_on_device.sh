@@ -1,15 +1,14 @@
 #!/bin/bash
-# Prepares gpu-bundle/ (ignored by git) for one call on a lent GPU machine
-# that checks the CUDA backend end to end. Nothing is built over there.
+# Prepares gpu-bundle/ (ignored by git) for one run on a GPU machine that
+# checks the CUDA backend end to end. Nothing is built over there.
 #
 # 1. Here (builds what is missing, then bundles):
 #      tools/gpu/run_on_device.sh [BUILD_DIR]
 #    BUILD_DIR defaults to build-cuda; it is configured with
 #    -DTESSERA_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 if it does not exist.
-# 2. With the device tool, from the repository root:
-#      device run   carry: ["gpu-bundle"]   command: bash gpu-bundle/run.sh
-#      timeout_s: 570 (the steps below are capped at 540 s together)
-#    then give the machine back.
+# 2. On the GPU machine, with gpu-bundle/ copied into a checkout's root:
+#      OUT=/some/folder bash gpu-bundle/run.sh
+#    (the steps below are capped at 540 s together; give it 570).
 #
 # gpu-bundle/run.sh runs, writing a log per step into $OUT:
 #   nvidia-smi -L
@@ -20,7 +19,8 @@
 # and exits non-zero if any step failed.
 #
 # Environment: FMNIST_DIR (default /usr/share/datasets/fashion-mnist),
-# BUNDLE_TOOL (default ../shared/tools/bundle-for-device.sh).
+# BUNDLE_TOOL, a script that copies binaries with the shared libraries they
+# need into a folder (default ../shared/tools/bundle-for-device.sh).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -127,5 +127,5 @@ RUN
 chmod +x "$bundle/run.sh"
 du -sh "$bundle"
 size_kb=$(du -sk "$bundle" | cut -f1)
-[ "$size_kb" -lt $((64 * 1024)) ] || die "bundle is ${size_kb} KiB, over the 64 MiB carry limit"
-echo "ready: device run with carry [\"gpu-bundle\"] and command 'bash gpu-bundle/run.sh'"
+[ "$size_kb" -lt $((64 * 1024)) ] || die "bundle is ${size_kb} KiB, over 64 MiB (keep it small enough to copy to the GPU machine in one go)"
+echo "ready: gpu-bundle/ ($(du -sh "$bundle" | cut -f1)); on the GPU machine run 'bash gpu-bundle/run.sh'"
