@@ -6,7 +6,9 @@
 #      tools/gpu/run_on_device.sh [BUILD_DIR]
 #    BUILD_DIR defaults to build-cuda; it is configured with
 #    -DTESSERA_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 if it does not exist.
-# 2. On the GPU machine, with gpu-bundle/ copied into a checkout's root:
+# 2. On the GPU machine, with gpu-bundle/ copied there (it needs nothing
+#    else but the NVIDIA driver, /usr/local/cuda's libraries and, for the
+#    comparison, python3 with PyTorch):
 #      OUT=/some/folder bash gpu-bundle/run.sh
 #    (the steps below are capped at 540 s together; give it 570).
 #
