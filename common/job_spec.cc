@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/model_spec.h"
 #include "common/status_macros.h"
+#include "common/tensor_codec.h"
 #include "google/protobuf/io/coded_stream.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/io/zero_copy_stream_impl_lite.h"
@@ -230,8 +231,7 @@ absl::Status ValidateJobSpec(JobSpec* job) {
     return FieldError("consistency.barrier_timeout_ms", "must be positive");
   }
   if (job->wire_dtype() == tessera::v1::DTYPE_UNSPECIFIED) job->set_wire_dtype(tessera::v1::F32);
-  if (job->wire_dtype() != tessera::v1::F32 && job->wire_dtype() != tessera::v1::BF16 &&
-      job->wire_dtype() != tessera::v1::F16) {
+  if (!IsWireDType(job->wire_dtype())) {
     return FieldError("wire_dtype", absl::StrCat("must be F32, BF16 or F16, got ",
                                                  tessera::v1::DType_Name(job->wire_dtype())));
   }

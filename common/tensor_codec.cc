@@ -169,9 +169,11 @@ void Encode(tessera::v1::DType dtype, absl::Span<const float> values, std::strin
   }
 }
 
+bool IsWireDType(tessera::v1::DType dtype) { return dtype == tessera::v1::F32 || IsHalf(dtype); }
+
 absl::Status DecodeF32(tessera::v1::DType dtype, absl::string_view bytes,
                        absl::Span<float> out) {
-  if (dtype != tessera::v1::F32 && !IsHalf(dtype)) {
+  if (!IsWireDType(dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "unsupported dtype ", tessera::v1::DType_Name(dtype), ", expected F32, BF16 or F16"));
   }

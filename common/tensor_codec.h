@@ -17,6 +17,9 @@ namespace tessera {
 // Size in bytes of one element of `dtype`; 0 for DTYPE_UNSPECIFIED.
 int DTypeSize(tessera::v1::DType dtype);
 
+// Whether payloads can travel in `dtype`: F32, BF16 or F16.
+bool IsWireDType(tessera::v1::DType dtype);
+
 // Writes `values` into `out` as F32 little-endian bytes, reusing its capacity.
 void EncodeF32(absl::Span<const float> values, std::string* out);
 

@@ -67,9 +67,7 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
     : job_(job),
       shard_(shard),
       mode_(job.consistency().mode()),
-      wire_dtype_(job.wire_dtype() == tessera::v1::BF16 || job.wire_dtype() == tessera::v1::F16
-                      ? job.wire_dtype()
-                      : tessera::v1::F32),
+      wire_dtype_(IsWireDType(job.wire_dtype()) ? job.wire_dtype() : tessera::v1::F32),
       partition_(std::move(partition)),
       optimizer_(std::move(optimizer)),
       workers_(job.num_workers()) {
@@ -122,8 +120,7 @@ absl::Status ShardStore::Validate(const PushRequest& request,
           absl::StrCat("block ", id, " appears twice in one push"));
     }
     seen[id] = true;
-    if (tb.dtype() != tessera::v1::F32 && tb.dtype() != tessera::v1::BF16 &&
-        tb.dtype() != tessera::v1::F16) {
+    if (!IsWireDType(tb.dtype())) {
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": unsupported dtype ",
                        tessera::v1::DType_Name(tb.dtype()), ", expected F32, BF16 or F16"));
