@@ -821,11 +821,13 @@ class GrpcParameterClient final : public ParameterClient {
   // shard holds is ready (or the exchange is aborted), then pushes and
   // pulls that shard.
   absl::Status SplitLane(int s) {
+    // On the stream, part by part: each parameter's blocks leave once
+    // backward is done with it, last layer first. Otherwise the shard
+    // leaves whole once all of its parameters are ready.
+    bool first = true;
+    std::function<bool(int)> wait;
     if (shards_[s]->pushes_on_stream()) {
-      // Part by part: each parameter's blocks leave once backward is done
-      // with it, last layer first.
-      bool first = true;
-      auto wait = [this, &first](int param) {
+      wait = [this, &first](int param) {
         absl::MutexLock lock(&ready_mu_);
         auto go = [this, param]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {
           return aborted_ || param_ready_[param] != 0;
@@ -836,13 +838,7 @@ class GrpcParameterClient final : public ParameterClient {
         first = false;
         return true;
       };
-      bool applied = false;
-      absl::Status st = shards_[s]->PushAndPull(split_step_, split_grads_, split_params_,
-                                                &applied, &versions_[s], wait);
-      applied_[s] = applied ? 1 : 0;
-      return st;
-    }
-    {
+    } else {
       absl::MutexLock lock(&ready_mu_);
       auto go = [this, s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ready_mu_) {
         return aborted_ || shard_waiting_[s] == 0;
@@ -852,8 +848,8 @@ class GrpcParameterClient final : public ParameterClient {
       if (unready_ > 0) ++early_pushes_;  // backward is still going on
     }
     bool applied = false;
-    absl::Status st =
-        shards_[s]->PushAndPull(split_step_, split_grads_, split_params_, &applied, &versions_[s]);
+    absl::Status st = shards_[s]->PushAndPull(split_step_, split_grads_, split_params_, &applied,
+                                              &versions_[s], std::move(wait));
     applied_[s] = applied ? 1 : 0;
     return st;
   }
