@@ -14,7 +14,7 @@ DEB_PACKAGES := build-essential cmake ninja-build pkg-config \
 	libeigen3-dev libabsl-dev libgtest-dev libgmock-dev zlib1g-dev prometheus-cpp-dev libcpp-httplib-dev prometheus \
 	dataset-fashion-mnist python3 python3-numpy python3-protobuf iproute2 iptables docker-compose
 
-.PHONY: all deps build test validate-deploy demo seed bench clean asan tsan fuzz
+.PHONY: all deps build test validate-deploy demo seed bench clean asan tsan fuzz thread-safety
 
 all: build
 
@@ -90,6 +90,12 @@ tsan: deps
 fuzz: deps
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="clang-14 libclang-rt-14-dev"
 	JOBS=$(JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) bash tools/sanitize/run.sh fuzz
+
+# The locking annotations (ABSL_GUARDED_BY...) checked by clang at compile
+# time, in build-tsa/; any violation fails the build. CI runs it.
+thread-safety: deps
+	@$(MAKE) --no-print-directory deps DEB_PACKAGES="clang-14"
+	JOBS=$(JOBS) bash tools/sanitize/run.sh thread-safety
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -143,8 +143,12 @@ absl::Status ReadStep(const std::string& step_dir, const CheckpointInfo& expecte
       }
       const int64_t base = offsets[p - model.params.begin()] + offset;
       std::copy(tensor.data.begin(), tensor.data.end(), out->params.begin() + base);
+      // Written for every tensor: absent or unreadable means a damaged file.
       int64_t updates = 0;
-      absl::SimpleAtoi(meta(absl::StrCat("updates/", name)), &updates);
+      if (!absl::SimpleAtoi(meta(absl::StrCat("updates/", name)), &updates) || updates < 0) {
+        return absl::DataLossError(
+            absl::StrCat(path, ": bad metadata updates/", name, " (update count)"));
+      }
       for (int k = 0; k < num_slots; ++k) {
         auto slot = file.tensors.find(absl::StrCat(name, "/slot", k));
         if (slot == file.tensors.end() || slot->second.data.size() != tensor.data.size()) {

@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "common/job_spec.h"
+#include "common/safetensors.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
 #include "server/shard_store.h"
@@ -198,6 +199,43 @@ TEST(CheckpointTest, RefusesAnotherModelOrOptimizer) {
   auto none = LoadLatestCheckpoint(NewDir("empty"), Info(job, 0), Model(job), 2);
   ASSERT_TRUE(none.ok());
   EXPECT_FALSE(none->has_value());
+}
+
+// The data section's CRC does not cover the header: a damaged per-tensor
+// update count (Adam's bias correction depends on it) must still be caught.
+TEST(CheckpointTest, SkipsACheckpointWithABadUpdateCount) {
+  const JobSpec job = AdamJob(1, 1024);
+  const std::string dir = NewDir("updates");
+  auto stores = TrainedShards(job, 2);
+  ShardState state = stores[0]->Snapshot();
+  ASSERT_TRUE(WriteShardCheckpoint(dir, Info(job, 0), Model(job), state, 5).ok());
+  state.step = 7;
+  auto path = WriteShardCheckpoint(dir, Info(job, 0), Model(job), state, 5);
+  ASSERT_TRUE(path.ok()) << path.status();
+  for (const char* bad : {"", "x2", "-1"}) {
+    SCOPED_TRACE(std::string("updates = '") + bad + "'");
+    auto file = ReadSafetensorsFile(*path);
+    ASSERT_TRUE(file.ok()) << file.status();
+    int rewritten = 0;
+    for (auto& [key, value] : file->metadata) {
+      if (key.rfind("updates/", 0) == 0) {
+        value = bad;
+        ++rewritten;
+      }
+    }
+    ASSERT_GT(rewritten, 0) << "no updates/ metadata in " << *path;
+    file->metadata.erase("crc32");  // recomputed by the write
+    std::vector<TensorToWrite> tensors;
+    for (const auto& [name, t] : file->tensors) tensors.push_back({name, t.shape, t.data});
+    ASSERT_TRUE(WriteSafetensorsFile(*path, tensors, file->metadata).ok());
+
+    std::vector<std::string> skipped;
+    auto restored = LoadLatestCheckpoint(dir, Info(job, 0), Model(job), 0, &skipped);
+    ASSERT_TRUE(restored.ok() && restored->has_value()) << restored.status();
+    EXPECT_EQ((*restored)->step, 2);  // the older, intact checkpoint
+    ASSERT_EQ(skipped.size(), 1u);
+    EXPECT_NE(skipped[0].find("update count"), std::string::npos) << skipped[0];
+  }
 }
 
 TEST(CheckpointTest, RetentionKeepsTheNewest) {

@@ -80,9 +80,9 @@ tessera::v1::JobStatusResponse Coordinator::Status() const {
   out.set_job_name(job_name_);
   out.set_job_hash(job_hash_);
   out.set_num_shards(num_shards_);
-  out.set_num_workers(static_cast<int>(members_.size()));
   const absl::Time now = absl::Now();
   absl::MutexLock lock(&mu_);
+  out.set_num_workers(static_cast<int>(members_.size()));
   for (int i = 0; i < static_cast<int>(servers_.size()); ++i) {
     if (!servers_[i].registered) continue;
     tessera::v1::ServerStatus* s = out.add_servers();

@@ -135,7 +135,10 @@ class LoadTest : public ::testing::Test {
 
 TEST_F(LoadTest, SustainedPushPullKeepsMemoryAndDescriptorsFlat) {
   int seconds = 40;
-  if (const char* env = std::getenv("TESSERA_LOAD_SECONDS")) absl::SimpleAtoi(env, &seconds);
+  if (const char* env = std::getenv("TESSERA_LOAD_SECONDS")) {
+    ASSERT_TRUE(absl::SimpleAtoi(env, &seconds) && seconds > 0)
+        << "TESSERA_LOAD_SECONDS must be a positive number of seconds, got '" << env << "'";
+  }
   constexpr int kStreams = 4;
   std::atomic<bool> stop{false};
   std::atomic<int64_t> ok{0}, errors{0};

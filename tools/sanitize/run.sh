@@ -4,8 +4,11 @@
 #   tools/sanitize/run.sh asan            build-asan/: ASan + UBSan, ctest -LE gpu
 #   tools/sanitize/run.sh tsan            build-tsan/: TSan with tools/sanitize/tsan.supp
 #   tools/sanitize/run.sh fuzz [TARGET..] build-fuzz/: libFuzzer, each target FUZZ_SECONDS
+#   tools/sanitize/run.sh thread-safety   build-tsa/: every target built with clang++-14,
+#                                         -Wthread-safety an error (the locking
+#                                         annotations checked; nothing is run)
 #
-# (`make asan`, `make tsan`, `make fuzz` call this.) Environment:
+# (`make asan`, `make tsan`, `make fuzz`, `make thread-safety` call this.) Environment:
 #   JOBS          build parallelism (default: nproc)
 #   CTEST_FLAGS   extra ctest arguments (asan, tsan), e.g. "-R shard_store"
 #   TSAN_EXCLUDE  ctest -E regex of tests left out under TSan (default none)
@@ -156,8 +159,17 @@ case "$mode" in
     printf '%s' "$summary"
     exit $failed
     ;;
+  thread-safety)
+    # ABSL_GUARDED_BY, ABSL_EXCLUSIVE_LOCKS_REQUIRED and friends are
+    # attributes only clang checks (CMakeLists.txt adds -Wthread-safety for
+    # clang); g++, which builds everything else, ignores them.
+    dir=$root/build-tsa
+    configure "$dir" -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_CXX_FLAGS="-Werror=thread-safety"
+    cmake --build "$dir" -j "$jobs"
+    echo "thread-safety analysis: every target compiled with clang++-14 -Werror=thread-safety"
+    ;;
   *)
-    echo "usage: $0 asan|tsan|fuzz [FUZZ_TARGET...]" >&2
+    echo "usage: $0 asan|tsan|fuzz [FUZZ_TARGET...]|thread-safety" >&2
     exit 2
     ;;
 esac
