@@ -41,6 +41,35 @@ uint32_t Crc32(const char* data, size_t n) {
   return static_cast<uint32_t>(crc);
 }
 
+// What the header says, in a canonical form: every metadata entry but the
+// two checksums, and every tensor's name, shape and byte range, each field
+// ended by a NUL. "header_crc32" is the CRC-32 of this, so that a damaged
+// header which still parses (a digit of the step, of an update count or of
+// an offset) is caught like damaged data.
+struct TensorEntry {
+  std::vector<int64_t> shape;
+  int64_t begin = 0;
+  int64_t end = 0;
+};
+constexpr char kDataCrcKey[] = "crc32";
+constexpr char kHeaderCrcKey[] = "header_crc32";
+
+std::string HeaderDigestInput(const std::map<std::string, std::string>& metadata,
+                              const std::map<std::string, TensorEntry>& tensors) {
+  std::string out;
+  for (const auto& [k, v] : metadata) {
+    if (k == kDataCrcKey || k == kHeaderCrcKey) continue;
+    absl::StrAppend(&out, k, absl::string_view("\0", 1), v, absl::string_view("\0", 1));
+  }
+  for (const auto& [name, t] : tensors) {
+    absl::StrAppend(&out, name, absl::string_view("\0", 1));
+    for (int64_t d : t.shape) absl::StrAppend(&out, d, ",");
+    absl::StrAppend(&out, absl::string_view("\0", 1), t.begin, ",", t.end,
+                    absl::string_view("\0", 1));
+  }
+  return out;
+}
+
 absl::Status Errno(absl::string_view what, const std::string& path) {
   return absl::InternalError(absl::StrCat(what, " '", path, "': ", std::strerror(errno)));
 }
@@ -226,6 +255,7 @@ absl::Status WriteSafetensorsFile(const std::string& path,
   std::string data;
   data.reserve(data_bytes);
   std::string entries;
+  std::map<std::string, TensorEntry> digest_tensors;
   for (const TensorToWrite& t : tensors) {
     int64_t elements = 1;
     for (int64_t d : t.shape) elements *= d;
@@ -239,10 +269,19 @@ absl::Status WriteSafetensorsFile(const std::string& path,
     for (size_t i = 0; i < t.shape.size(); ++i) absl::StrAppend(&shape, i ? "," : "", t.shape[i]);
     absl::StrAppend(&entries, ",", JsonString(t.name), ":{\"dtype\":\"F32\",\"shape\":[", shape,
                     "],\"data_offsets\":[", begin, ",", data.size(), "]}");
+    TensorEntry& e = digest_tensors[t.name];
+    e.shape = t.shape;
+    e.begin = static_cast<int64_t>(begin);
+    e.end = static_cast<int64_t>(data.size());
+  }
+  if (digest_tensors.size() != tensors.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": two tensors with the same name"));
   }
   std::string meta = "{";
   std::map<std::string, std::string> all = metadata;
-  all["crc32"] = absl::StrCat(Crc32(data.data(), data.size()));
+  all[kDataCrcKey] = absl::StrCat(Crc32(data.data(), data.size()));
+  const std::string digest = HeaderDigestInput(all, digest_tensors);
+  all[kHeaderCrcKey] = absl::StrCat(Crc32(digest.data(), digest.size()));
   bool first = true;
   for (const auto& [k, v] : all) {
     absl::StrAppend(&meta, first ? "" : ",", JsonString(k), ":", JsonString(v));
@@ -290,10 +329,24 @@ absl::StatusOr<SafetensorsFile> ReadSafetensorsFile(const std::string& path) {
   TESSERA_RETURN_IF_ERROR(Annotate(parser.Parse(&out, &ranges), path));
   const char* data = bytes.data() + 8 + header_len;
   const size_t data_size = bytes.size() - 8 - header_len;
-  auto crc = out.metadata.find("crc32");
+  auto crc = out.metadata.find(kDataCrcKey);
   if (crc == out.metadata.end() ||
       crc->second != absl::StrCat(Crc32(data, data_size))) {
     return absl::DataLossError(absl::StrCat("'", path, "': checksum mismatch (corrupt or partial file)"));
+  }
+  // Files written before the header had a checksum of its own lack the key;
+  // their data section is still checked above.
+  auto header_crc = out.metadata.find(kHeaderCrcKey);
+  if (header_crc != out.metadata.end()) {
+    std::map<std::string, TensorEntry> entries;
+    for (const auto& [name, t] : out.tensors) {
+      entries[name] = {t.shape, ranges[name].first, ranges[name].second};
+    }
+    const std::string digest = HeaderDigestInput(out.metadata, entries);
+    if (header_crc->second != absl::StrCat(Crc32(digest.data(), digest.size()))) {
+      return absl::DataLossError(
+          absl::StrCat("'", path, "': header checksum mismatch (corrupt header)"));
+    }
   }
   for (auto& [name, t] : out.tensors) {
     const auto [begin, end] = ranges[name];

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <fstream>
 
 #include "gtest/gtest.h"
@@ -76,6 +77,44 @@ TEST(SafetensorsTest, CorruptionIsDetected) {
   EXPECT_EQ(ReadSafetensorsFile(path).status().code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(ReadSafetensorsFile(TempPath("missing.safetensors")).status().code(),
             absl::StatusCode::kNotFound);
+}
+
+// The data section's CRC does not cover the header; the header's own
+// checksum catches damage that still parses: a digit of a metadata value,
+// of a shape or of a byte range.
+TEST(SafetensorsTest, DamagedHeaderThatStillParsesIsDetected) {
+  const std::vector<float> a(12, 2.0f);
+  const std::string path = TempPath("header.safetensors");
+  ASSERT_TRUE(WriteSafetensorsFile(path, {{"t", {3, 4}, a}}, {{"step", "1234"}}).ok());
+  const std::string good = ReadAll(path);
+  ASSERT_TRUE(ReadSafetensorsFile(path).ok());
+  struct Edit {
+    std::string from, to;
+  };
+  for (const Edit& e : {Edit{"\"1234\"", "\"1235\""}, Edit{"[3,4]", "[4,3]"},
+                        Edit{"[0,48]", "[0,48] "}}) {
+    SCOPED_TRACE(e.from + " -> " + e.to);
+    std::string bytes = good;
+    const size_t at = bytes.find(e.from, 8);
+    ASSERT_NE(at, std::string::npos);
+    bytes.replace(at, e.from.size(), e.to);
+    if (e.to.size() != e.from.size()) {
+      // Keep the header length right (drop one padding space at its end).
+      uint64_t header_len;
+      std::memcpy(&header_len, bytes.data(), 8);
+      ASSERT_EQ(bytes[8 + header_len], ' ');
+      bytes.erase(8 + header_len, 1);
+    }
+    WriteAll(path, bytes);
+    auto r = ReadSafetensorsFile(path);
+    if (e.to == "[0,48] ") {
+      // Whitespace changes nothing the header says: still readable.
+      EXPECT_TRUE(r.ok()) << r.status();
+      continue;
+    }
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_NE(r.status().message().find("header checksum"), std::string::npos) << r.status();
+  }
 }
 
 TEST(SafetensorsTest, ShapeMismatchIsRefusedAndNothingIsWritten) {
