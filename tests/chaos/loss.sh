@@ -51,19 +51,30 @@ else
 fi
 batch=128  # examples/fashion_mnist_mlp.textproto, per worker
 
-declare -A sps rcs applied dup rej ver retries wall tcp
-# Worker 1's namespace TCP counters: segments sent, retransmitted, RTO timeouts
-# (worker 1's side only: the servers' retransmissions are not counted).
-tcp_counters() {
-  chaos_in w1 nstat -asz TcpOutSegs TcpRetransSegs TcpExtTCPTimeouts 2>/dev/null |
-    awk '$1 == "TcpOutSegs" { o = $2 } $1 == "TcpRetransSegs" { r = $2 }
-         $1 == "TcpExtTCPTimeouts" { t = $2 } END { print o + 0, r + 0, t + 0 }'
+declare -A sps rcs applied dup rej ver retries wall tcp s0tcp
+# A host namespace's TCP counters (absolute values: nstat's history file is
+# shared by every namespace): segments sent, retransmitted, retransmission
+# timeouts, reorderings seen, retransmissions held back because the original
+# was still in the host's queues. Worker 1 sends its segments one MTU-sized
+# packet per buffer; server 0's 64 KiB buffers are cut at the bridge.
+tcp_counters() {  # host
+  chaos_in "$1" nstat -asz TcpOutSegs TcpRetransSegs TcpExtTCPTimeouts TcpExtTCPSACKReorder \
+      TcpExtTCPSpuriousRtxHostQueues 2>/dev/null |
+    awk '{ v[$1] = $2 } END { print v["TcpOutSegs"] + 0, v["TcpRetransSegs"] + 0,
+         v["TcpExtTCPTimeouts"] + 0, v["TcpExtTCPSACKReorder"] + 0,
+         v["TcpExtTCPSpuriousRtxHostQueues"] + 0 }'
+}
+tcp_delta() {  # before after
+  /usr/bin/python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split()
+print('%d segments sent, %d retransmitted, %d retransmission timeouts, %d reorderings, %d retransmissions held back (original still queued in the host)' % tuple(int(y) - int(x) for x, y in zip(a, b)))" \
+    "$1" "$2"
 }
 run_once() {  # tag probability
   local tag=$1 p=$2 r rc
   chaos_start_servers "$job" "${flags[@]}"
-  local tcp0
-  tcp0=$(tcp_counters)
+  local w1tcp0 s0tcp0
+  w1tcp0=$(tcp_counters w1)
+  s0tcp0=$(tcp_counters s0)
   if [ "$p" != 0 ]; then fault_loss w1 "$p" s0 s1; fi
   local t0=$SECONDS
   chaos_start_worker w0 0 "$job" "${flags[@]}" --evaluate=false
@@ -89,15 +100,15 @@ run_once() {  # tag probability
   rej[$tag]="$(chaos_metric s0 tessera_pushes_total rejected) $(chaos_metric s1 tessera_pushes_total rejected)"
   ver[$tag]="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
   retries[$tag]=$(cat "$CHAOS_WORK"/worker-*.log | grep -c 'retrying' || true)
-  tcp[$tag]=$(/usr/bin/python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split()
-print('%d segments sent, %d retransmitted, %d retransmission timeouts' % tuple(int(y) - int(x) for x, y in zip(a, b)))" \
-    "$tcp0" "$(tcp_counters)")
+  tcp[$tag]=$(tcp_delta "$w1tcp0" "$(tcp_counters w1)")
+  s0tcp[$tag]=$(tcp_delta "$s0tcp0" "$(tcp_counters s0)")
   fault_heal w1
   chaos_stop_servers
   printf '%-6s loss %-5s workers exit %-7s %8.0f samples/s in %ss; shard versions %s; pushes applied %s, duplicate %s, rejected %s; "retrying" lines %s\n' \
     "$tag" "$p" "${rcs[$tag]}" "${sps[$tag]}" "${wall[$tag]}" "${ver[$tag]}" "${applied[$tag]}" \
     "${dup[$tag]}" "${rej[$tag]}" "${retries[$tag]}"
   echo "       worker 1's TCP: ${tcp[$tag]}"
+  echo "       server 0's TCP: ${s0tcp[$tag]}"
   chaos_archive "run-$tag"
 }
 
