@@ -43,11 +43,25 @@ void Write(const std::string& dir, const std::string& name, const std::string& b
 }
 
 // Replaces the real checksum in a safetensors file by the placeholder the
-// targets repair (the inverse of RepairChecksum).
+// targets repair (the inverse of RepairChecksum), and drops the header's own
+// checksum (readers accept files without one): otherwise every mutation of
+// a header value would be refused by that check before reaching the ones
+// behind it. The "-real-crc" seeds keep both.
 std::string WithCrcPlaceholder(const std::string& file) {
   uint64_t header_len;
   std::memcpy(&header_len, file.data(), 8);
   std::string header = file.substr(8, header_len);
+  const std::string header_key = "\"header_crc32\":\"";
+  const size_t h = header.find(header_key);
+  Check(h != std::string::npos, "written file has no header_crc32");
+  size_t h_end = header.find('"', h + header_key.size()) + 1;
+  if (header[h_end] == ',') {
+    ++h_end;  // "header_crc32":"N", ...
+    header.erase(h, h_end - h);
+  } else {
+    Check(header[h - 1] == ',', "header_crc32 is the only metadata entry");
+    header.erase(h - 1, h_end - (h - 1));  // ..., "header_crc32":"N"
+  }
   const std::string key = "\"crc32\":\"";
   const size_t at = header.find(key);
   Check(at != std::string::npos, "written file has no crc32");
