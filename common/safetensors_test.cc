@@ -123,6 +123,11 @@ TEST(SafetensorsTest, ShapeMismatchIsRefusedAndNothingIsWritten) {
   auto s = WriteSafetensorsFile(path, {{"t", {2, 3}, a}}, {});
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(access(path.c_str(), F_OK), 0);
+  // Two tensors under one name would be one JSON key read back.
+  s = WriteSafetensorsFile(path, {{"t", {5}, a}, {"t", {5}, a}}, {});
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("same name"), std::string::npos) << s;
+  EXPECT_NE(access(path.c_str(), F_OK), 0);
 }
 
 }  // namespace
