@@ -91,8 +91,9 @@ fuzz: deps
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="clang-14 libclang-rt-14-dev"
 	JOBS=$(JOBS) FUZZ_SECONDS=$(FUZZ_SECONDS) bash tools/sanitize/run.sh fuzz
 
-# The locking annotations (ABSL_GUARDED_BY...) checked by clang at compile
-# time, in build-tsa/; any violation fails the build. CI runs it.
+# The locking annotations (ABSL_GUARDED_BY...) and must-use results checked
+# by clang at compile time, in build-tsa/; any violation fails the build. CI
+# runs it.
 thread-safety: deps
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="clang-14"
 	JOBS=$(JOBS) bash tools/sanitize/run.sh thread-safety

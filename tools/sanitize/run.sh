@@ -5,8 +5,9 @@
 #   tools/sanitize/run.sh tsan            build-tsan/: TSan with tools/sanitize/tsan.supp
 #   tools/sanitize/run.sh fuzz [TARGET..] build-fuzz/: libFuzzer, each target FUZZ_SECONDS
 #   tools/sanitize/run.sh thread-safety   build-tsa/: every target built with clang++-14,
-#                                         -Wthread-safety an error (the locking
-#                                         annotations checked; nothing is run)
+#                                         -Wthread-safety and -Wunused-result errors
+#                                         (locking annotations and must-use results
+#                                         checked; nothing is run)
 #
 # (`make asan`, `make tsan`, `make fuzz`, `make thread-safety` call this.) Environment:
 #   JOBS          build parallelism (default: nproc)
@@ -162,11 +163,15 @@ case "$mode" in
   thread-safety)
     # ABSL_GUARDED_BY, ABSL_EXCLUSIVE_LOCKS_REQUIRED and friends are
     # attributes only clang checks (CMakeLists.txt adds -Wthread-safety for
-    # clang); g++, which builds everything else, ignores them.
+    # clang); g++, which builds everything else, ignores them. The same goes
+    # for ABSL_MUST_USE_RESULT (absl::Status, SimpleAtoi...): an ignored
+    # result is an error here too.
     dir=$root/build-tsa
-    configure "$dir" -DCMAKE_CXX_COMPILER=clang++-14 -DCMAKE_CXX_FLAGS="-Werror=thread-safety"
+    configure "$dir" -DCMAKE_CXX_COMPILER=clang++-14 \
+      -DCMAKE_CXX_FLAGS="-Werror=thread-safety -Werror=unused-result"
     cmake --build "$dir" -j "$jobs"
-    echo "thread-safety analysis: every target compiled with clang++-14 -Werror=thread-safety"
+    echo "thread-safety analysis: every target compiled with clang++-14" \
+      "-Werror=thread-safety -Werror=unused-result"
     ;;
   *)
     echo "usage: $0 asan|tsan|fuzz [FUZZ_TARGET...]|thread-safety" >&2
