@@ -240,14 +240,7 @@ absl::StatusOr<SocketTuning> BenchTuning() {
   SocketTuning tuning;
   tuning.tcp_rto_min_us = kDefaultTcpRtoMinUs;
   tuning.tcp_congestion = absl::GetFlag(FLAGS_tcp_congestion);
-  const absl::Status s = CheckSocketTuning(tuning);
-  if (absl::IsUnimplemented(s)) {
-    tuning.tcp_rto_min_us = 0;
-  } else if (!s.ok()) {
-    return s;
-  }
-  SetLoopbackCongestion(&tuning);
-  return tuning;
+  return ResolveSocketTuning(std::move(tuning));
 }
 
 int ServeNoop(const std::string& job_path, const std::string& listen,

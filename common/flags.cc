@@ -200,18 +200,13 @@ absl::StatusOr<SocketTuning> SocketTuningFromFlags() {
   SocketTuning tuning;
   tuning.tcp_rto_min_us = absl::GetFlag(FLAGS_tcp_rto_min_us).value_or(kDefaultTcpRtoMinUs);
   tuning.tcp_congestion = absl::GetFlag(FLAGS_tcp_congestion);
-  SetLoopbackCongestion(&tuning);
-  const absl::Status s = CheckSocketTuning(tuning);
-  if (absl::IsUnimplemented(s)) {
-    // Only worth a line when the user asked for the floor by name.
-    if (absl::GetFlag(FLAGS_tcp_rto_min_us).has_value()) {
-      std::cerr << "warning: " << s.message() << std::endl;
-    }
-    tuning.tcp_rto_min_us = 0;
-  } else if (!s.ok()) {
-    return s;
+  std::string no_floor;
+  absl::StatusOr<SocketTuning> resolved = ResolveSocketTuning(std::move(tuning), &no_floor);
+  // Only worth a line when the user asked for the floor by name.
+  if (!no_floor.empty() && absl::GetFlag(FLAGS_tcp_rto_min_us).has_value()) {
+    std::cerr << "warning: " << no_floor << std::endl;
   }
-  return tuning;
+  return resolved;
 }
 
 bool SharedMemoryFromFlags() { return absl::GetFlag(FLAGS_shared_memory); }

@@ -271,9 +271,17 @@ void ApplySocketTuning(const SocketTuning& tuning, grpc::ServerBuilder* builder)
   builder->SetOption(std::make_unique<TuningOption>(tuning));
 }
 
-void SetLoopbackCongestion(SocketTuning* tuning) {
-  tuning->loopback_congestion.clear();
-  if (CheckCongestion(kLoopbackCongestion).ok()) tuning->loopback_congestion = kLoopbackCongestion;
+absl::StatusOr<SocketTuning> ResolveSocketTuning(SocketTuning tuning, std::string* no_floor) {
+  const absl::Status s = CheckSocketTuning(tuning);
+  if (absl::IsUnimplemented(s)) {
+    if (no_floor != nullptr) *no_floor = std::string(s.message());
+    tuning.tcp_rto_min_us = 0;
+  } else if (!s.ok()) {
+    return s;
+  }
+  tuning.loopback_congestion.clear();
+  if (CheckCongestion(kLoopbackCongestion).ok()) tuning.loopback_congestion = kLoopbackCongestion;
+  return tuning;
 }
 
 SocketTuning ForTarget(const SocketTuning& tuning, absl::string_view target) {

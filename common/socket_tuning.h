@@ -26,6 +26,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
 namespace tessera {
@@ -50,10 +51,16 @@ struct SocketTuning {
 // use it.
 inline constexpr char kLoopbackCongestion[] = "cubic";
 
-// Sets tuning->loopback_congestion to kLoopbackCongestion when the kernel
-// lets this process use it (checked on a scratch socket); leaves it empty,
-// the system's algorithm, otherwise.
-void SetLoopbackCongestion(SocketTuning* tuning);
+// `tuning` (its floor and algorithm) made ready for the sockets of a
+// process, as servers, workers and the transport bench use it:
+// - checked with CheckSocketTuning, whose errors it returns, except that on
+//   a kernel without a per-socket floor (kUnimplemented) the floor becomes
+//   0, the system's, and `*no_floor` (when given) gets the reason;
+// - loopback_congestion set to kLoopbackCongestion when the kernel lets
+//   this process use it (checked on a scratch socket), else left empty (the
+//   system's algorithm).
+absl::StatusOr<SocketTuning> ResolveSocketTuning(SocketTuning tuning,
+                                                 std::string* no_floor = nullptr);
 
 // `tuning` for a channel to `target`: with loopback_congestion in
 // tcp_congestion when the target is a loopback address and no algorithm
@@ -65,8 +72,8 @@ SocketTuning ForTarget(const SocketTuning& tuning, absl::string_view target);
 // The default of the processes' --tcp_rto_min_us flag.
 inline constexpr int kDefaultTcpRtoMinUs = 5000;
 
-// loopback_congestion is not checked (SocketTuningFromFlags drops it when
-// the kernel refuses it on a scratch socket).
+// loopback_congestion is not checked (ResolveSocketTuning leaves it empty
+// when the kernel refuses it on a scratch socket).
 //
 // kInvalidArgument naming the flag when the value is outside what Linux
 // accepts (0, or 1..200000 microseconds; the kernel also refuses one clock
