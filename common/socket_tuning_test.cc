@@ -101,6 +101,15 @@ class TunedServer {
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
 };
 
+// The listener and both ends of a connection were tuned since `before`
+// (at least one more socket of each kind) and no socket refused an option.
+void ExpectEveryKindTuned(const SocketTuningCounts& before, const SocketTuningCounts& after) {
+  EXPECT_GE(after.server_listeners, before.server_listeners + 1);
+  EXPECT_GE(after.client_connections, before.client_connections + 1);
+  EXPECT_GE(after.server_connections, before.server_connections + 1);
+  EXPECT_EQ(after.refused, before.refused);
+}
+
 // An algorithm this process may use other than `not_this`, or "". The
 // counts are per process, so a test that reads last_congestion back picks
 // one that no earlier socket reported.
@@ -121,10 +130,7 @@ TEST(SocketTuningTest, FloorLandsOnListenerAndBothEndsOfAConnection) {
   ASSERT_TRUE(server.ok());
   ASSERT_TRUE(server.Connect(tuning, 1, /*wait_for_server=*/true));
   const SocketTuningCounts after = GetSocketTuningCounts();
-  EXPECT_GE(after.server_listeners, before.server_listeners + 1);
-  EXPECT_GE(after.client_connections, before.client_connections + 1);
-  EXPECT_GE(after.server_connections, before.server_connections + 1);
-  EXPECT_EQ(after.refused, before.refused);
+  ExpectEveryKindTuned(before, after);
   // 20 ms is a whole number of ticks at HZ 100, 250 and 1000.
   EXPECT_EQ(after.last_read_back_us, 20000);
 
@@ -159,10 +165,7 @@ TEST(SocketTuningTest, CongestionControlLandsOnBothEndsOfAConnection) {
   ASSERT_TRUE(server.ok());
   ASSERT_TRUE(server.Connect(tuning, 3, /*wait_for_server=*/true));
   const SocketTuningCounts after = GetSocketTuningCounts();
-  EXPECT_GE(after.server_listeners, before.server_listeners + 1);
-  EXPECT_GE(after.client_connections, before.client_connections + 1);
-  EXPECT_GE(after.server_connections, before.server_connections + 1);
-  EXPECT_EQ(after.refused, before.refused);
+  ExpectEveryKindTuned(before, after);
   EXPECT_EQ(after.last_congestion, algorithm);
 }
 
