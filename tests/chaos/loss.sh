@@ -21,6 +21,11 @@
 #        TCP_CONGESTION: when set, --tcp_congestion for every server and
 #        worker (for example bbr or cubic); otherwise they use the system's
 #        algorithm, which the script prints.
+#        CAPTURE=1: capture the packets between worker 1 and server 0 in
+#        both namespaces (tcpdump, headers only) during the lossy runs and
+#        print their retransmission stalls (tests/chaos/stalls.py): how
+#        long, in the middle of a message or at its end, segment or
+#        acknowledgement lost. Keep the captures with CHAOS_KEEP_LOGS.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] && CHAOS_BIN=$1
@@ -76,6 +81,17 @@ run_once() {  # tag probability
   w1tcp0=$(tcp_counters w1)
   s0tcp0=$(tcp_counters s0)
   if [ "$p" != 0 ]; then fault_loss w1 "$p" s0 s1; fi
+  local capture=""
+  if [ -n "${CAPTURE:-}" ] && [ "$p" != 0 ]; then
+    capture="$CHAOS_WORK/capture-$tag"
+    mkdir -p "$capture"
+    for h in w1 s0; do
+      # -U: each packet written as it comes, so SIGINT loses nothing.
+      chaos_spawn "$h" "tcpdump-$h" tcpdump -U -i any -s 96 -w "$capture/$h.pcap" \
+        "tcp port $CHAOS_PORT and host $(chaos_ip w1) and host $(chaos_ip s0)"
+    done
+    sleep 1  # tcpdump is listening before the first packet
+  fi
   local t0=$SECONDS
   chaos_start_worker w0 0 "$job" "${flags[@]}" --evaluate=false
   chaos_start_worker w1 1 "$job" "${flags[@]}" --evaluate=false
@@ -102,6 +118,18 @@ run_once() {  # tag probability
   retries[$tag]=$(cat "$CHAOS_WORK"/worker-*.log | grep -c 'retrying' || true)
   tcp[$tag]=$(tcp_delta "$w1tcp0" "$(tcp_counters w1)")
   s0tcp[$tag]=$(tcp_delta "$s0tcp0" "$(tcp_counters s0)")
+  local stalls_w1="" stalls_s0=""
+  if [ -n "$capture" ]; then
+    for h in w1 s0; do
+      kill -INT "$(chaos_pid "tcpdump-$h")" 2>/dev/null || true
+      chaos_wait "tcpdump-$h" 10 || true
+      tcpdump -r "$capture/$h.pcap" -tt -nn -S 2>/dev/null > "$capture/$h.txt" || true
+    done
+    stalls_w1=$(/usr/bin/python3 "$here/stalls.py" "$capture/w1.txt" "$capture/s0.txt" \
+      --port="$CHAOS_PORT" --side=client 2>&1 || true)
+    stalls_s0=$(/usr/bin/python3 "$here/stalls.py" "$capture/s0.txt" "$capture/w1.txt" \
+      --port="$CHAOS_PORT" --side=server 2>&1 || true)
+  fi
   fault_heal w1
   chaos_stop_servers
   printf '%-6s loss %-5s workers exit %-7s %8.0f samples/s in %ss; shard versions %s; pushes applied %s, duplicate %s, rejected %s; "retrying" lines %s\n' \
@@ -109,6 +137,10 @@ run_once() {  # tag probability
     "${dup[$tag]}" "${rej[$tag]}" "${retries[$tag]}"
   echo "       worker 1's TCP: ${tcp[$tag]}"
   echo "       server 0's TCP: ${s0tcp[$tag]}"
+  if [ -n "$capture" ]; then
+    echo "       worker 1 -> server 0: $stalls_w1"
+    echo "       server 0 -> worker 1: $stalls_s0"
+  fi
   chaos_archive "run-$tag"
 }
 
