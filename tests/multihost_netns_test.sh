@@ -4,7 +4,9 @@
 # with the flags the Kubernetes manifests use (shard from the hostname, rank
 # from JOB_COMPLETION_INDEX, servers from a DNS-name pattern resolved through
 # a per-namespace hosts file). Trains Fashion-MNIST for one epoch and checks
-# the test accuracy. Everything it creates is removed on exit.
+# the test accuracy, and that every connection of the workers (and of one
+# server) carries the retransmission-timeout floor. Everything it creates is
+# removed on exit.
 #
 # Usage: multihost_netns_test.sh BIN_DIR SOURCE_DIR
 # Exit 77 (CTest's skip code) only when the machine forbids namespaces.
@@ -95,6 +97,35 @@ for r in 0 1; do
     --summary_json="$work/summary-${r}.json" > "$work/worker-${r}.log" 2>&1 &
   pids+=($!)
 done
+
+# Every TCP connection of a worker (its shard sessions and its coordinator
+# channel) and of a server carries the retransmission-timeout floor that
+# servers and workers set (--tcp_rto_min_us, default 5000 us, 8 ms at
+# HZ=250): `ss` shows the timer as rto:MS, and the system's floor as 200 or
+# more. Sampled while the workers train, once worker 0 holds its three.
+rto_of() {  # namespace -> the rto of each of its established connections
+  ip netns exec "$1" ss -tin state established 2>/dev/null |
+    grep -o 'rto:[0-9.]*' | cut -d: -f2 | tr '\n' ' ' || true
+}
+rto_w0="" rto_w1="" rto_s1=""
+deadline=$((SECONDS + 60))
+while [ $SECONDS -lt $deadline ] && kill -0 "${pids[0]}" 2>/dev/null; do
+  rto_w0=$(rto_of "${id}-w0"); rto_w1=$(rto_of "${id}-w1"); rto_s1=$(rto_of "${id}-s1")
+  [ "$(wc -w <<< "$rto_w0")" -ge 3 ] && break
+  sleep 0.1
+done
+echo "retransmission timers (ms) of the established connections: worker 0: $rto_w0; worker 1: $rto_w1; server 1: $rto_s1"
+rto_bad=$(python3 -c "import sys; w = sys.argv[1].split()
+print('worker 0 held %d connections (2 shard sessions and the coordinator expected)' % len(w) if len(w) < 3 else
+      ' '.join(r for a in sys.argv[1:] for r in a.split() if float(r) >= 200))" \
+  "$rto_w0" "$rto_w1" "$rto_s1")
+if ! python3 -c "import re, os, sys
+sys.exit(0 if tuple(map(int, re.match(r'(\d+)\.(\d+)', os.uname().release).groups())) >= (6, 15) else 1)"; then
+  echo "(the per-socket floor needs Linux 6.15 or later; this is $(uname -r): not checked)"
+elif [ -n "$rto_bad" ]; then
+  echo "FAIL: a connection without the retransmission-timeout floor: $rto_bad"; exit 1
+fi
+
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 cat "$work/worker-0.log"

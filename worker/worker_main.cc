@@ -23,6 +23,7 @@
 #include "common/job_spec.h"
 #include "common/metrics.h"
 #include "common/partition.h"
+#include "common/socket_tuning.h"
 #include "proto/tessera.grpc.pb.h"
 #include "worker/backend_factory.h"
 #include "worker/event_writer.h"
@@ -203,7 +204,11 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
       tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
-  auto coord_channel = grpc::CreateChannel(coordinator, *credentials);
+  // Tuned like the shards' channels: a heartbeat or registration whose
+  // segment is lost would otherwise wait out the system's 200 ms floor.
+  grpc::ChannelArguments coord_args;
+  tessera::ApplySocketTuning(tessera::ForTarget(*socket_tuning, coordinator), &coord_args);
+  auto coord_channel = grpc::CreateCustomChannel(coordinator, *credentials, coord_args);
   const auto connect_deadline =
       std::chrono::system_clock::now() +
       std::chrono::seconds(absl::GetFlag(FLAGS_connect_timeout_s));
