@@ -21,11 +21,13 @@
 #        TCP_CONGESTION: when set, --tcp_congestion for every server and
 #        worker (for example bbr or cubic); otherwise they use the system's
 #        algorithm, which the script prints.
-#        CAPTURE=1: capture the packets between worker 1 and server 0 in
-#        both namespaces (tcpdump, headers only) during the lossy runs and
-#        print their retransmission stalls (tests/chaos/stalls.py): how
+#        CAPTURE=1: capture the packets between worker 1 and each server at
+#        both ends (tcpdump, headers only) during the lossy runs and print
+#        each direction's retransmission stalls (tests/chaos/stalls.py): how
 #        long, in the middle of a message or at its end, segment or
 #        acknowledgement lost. Keep the captures with CHAOS_KEEP_LOGS.
+#        tcpdump shares the CPU with the job in the lossy runs only, so the
+#        throughput ratios of such a run are lower than without it.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] && CHAOS_BIN=$1
@@ -85,10 +87,13 @@ run_once() {  # tag probability
   if [ -n "${CAPTURE:-}" ] && [ "$p" != 0 ]; then
     capture="$CHAOS_WORK/capture-$tag"
     mkdir -p "$capture"
-    for h in w1 s0; do
+    # Worker 1's side of each server's connections, and each server's side.
+    for h in s0 s1; do
       # -U: each packet written as it comes, so SIGINT loses nothing.
+      chaos_spawn w1 "tcpdump-w1-$h" tcpdump -U -i any -s 96 -w "$capture/w1-$h.pcap" \
+        "tcp port $CHAOS_PORT and host $(chaos_ip "$h")"
       chaos_spawn "$h" "tcpdump-$h" tcpdump -U -i any -s 96 -w "$capture/$h.pcap" \
-        "tcp port $CHAOS_PORT and host $(chaos_ip w1) and host $(chaos_ip s0)"
+        "tcp port $CHAOS_PORT and host $(chaos_ip w1)"
     done
     sleep 1  # tcpdump is listening before the first packet
   fi
@@ -118,17 +123,19 @@ run_once() {  # tag probability
   retries[$tag]=$(cat "$CHAOS_WORK"/worker-*.log | grep -c 'retrying' || true)
   tcp[$tag]=$(tcp_delta "$w1tcp0" "$(tcp_counters w1)")
   s0tcp[$tag]=$(tcp_delta "$s0tcp0" "$(tcp_counters s0)")
-  local stalls_w1="" stalls_s0=""
+  local stalls=()
   if [ -n "$capture" ]; then
-    for h in w1 s0; do
-      kill -INT "$(chaos_pid "tcpdump-$h")" 2>/dev/null || true
-      chaos_wait "tcpdump-$h" 10 || true
-      tcpdump -r "$capture/$h.pcap" -tt -nn -S 2>/dev/null > "$capture/$h.txt" || true
+    for c in w1-s0 s0 w1-s1 s1; do
+      kill -INT "$(chaos_pid "tcpdump-$c")" 2>/dev/null || true
+      chaos_wait "tcpdump-$c" 10 || true
+      tcpdump -r "$capture/$c.pcap" -tt -nn -S 2>/dev/null > "$capture/$c.txt" || true
     done
-    stalls_w1=$(/usr/bin/python3 "$here/stalls.py" "$capture/w1.txt" "$capture/s0.txt" \
-      --port="$CHAOS_PORT" --side=client 2>&1 || true)
-    stalls_s0=$(/usr/bin/python3 "$here/stalls.py" "$capture/s0.txt" "$capture/w1.txt" \
-      --port="$CHAOS_PORT" --side=server 2>&1 || true)
+    for h in s0 s1; do
+      stalls+=("worker 1 -> server ${h#s}: $(/usr/bin/python3 "$here/stalls.py" \
+        "$capture/w1-$h.txt" "$capture/$h.txt" --port="$CHAOS_PORT" --side=client 2>&1 || true)")
+      stalls+=("server ${h#s} -> worker 1: $(/usr/bin/python3 "$here/stalls.py" \
+        "$capture/$h.txt" "$capture/w1-$h.txt" --port="$CHAOS_PORT" --side=server 2>&1 || true)")
+    done
   fi
   fault_heal w1
   chaos_stop_servers
@@ -137,10 +144,7 @@ run_once() {  # tag probability
     "${dup[$tag]}" "${rej[$tag]}" "${retries[$tag]}"
   echo "       worker 1's TCP: ${tcp[$tag]}"
   echo "       server 0's TCP: ${s0tcp[$tag]}"
-  if [ -n "$capture" ]; then
-    echo "       worker 1 -> server 0: $stalls_w1"
-    echo "       server 0 -> worker 1: $stalls_s0"
-  fi
+  for line in "${stalls[@]}"; do echo "       $line"; done
   chaos_archive "run-$tag"
 }
 
