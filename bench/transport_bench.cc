@@ -82,6 +82,8 @@ ABSL_FLAG(std::string, tcp_congestion, "",
           "TCP congestion-control algorithm of every socket of the run, as the processes' "
           "flag of that name (empty: cubic on loopback where allowed, as workers and "
           "servers do).");
+ABSL_FLAG(int32_t, apply_threads, 0,
+          "tessera-server's --apply_threads (0: the server's default).");
 ABSL_FLAG(bool, noop_baseline, true,
           "Also run the loops against the no-op gRPC server (gRPC + protobuf floor).");
 ABSL_FLAG(std::string, directions, "push,pull", "Which loops to time: push, pull or both.");
@@ -776,6 +778,9 @@ int Main() {
     for (const Target& t : targets) {
       const std::string port_file = absl::StrCat(dir, "/", t.name, "-", mib, ".port");
       std::vector<std::string> argv = t.argv;
+      if (t.name == "tessera" && absl::GetFlag(FLAGS_apply_threads) > 0) {
+        argv.push_back(absl::StrCat("--apply_threads=", absl::GetFlag(FLAGS_apply_threads)));
+      }
       if (!absl::GetFlag(FLAGS_tcp_congestion).empty()) {
         argv.push_back("--tcp_congestion=" + absl::GetFlag(FLAGS_tcp_congestion));
       }

@@ -11,6 +11,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "proto/tessera.grpc.pb.h"
+#include "server/apply_pool.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
 
@@ -23,6 +24,8 @@ absl::StatusOr<std::unique_ptr<TesseraServer>> TesseraServer::Start(
   // A worker whose last stream ends has 1 s to open a new one before a
   // synchronous step goes on without it (see ShardStore::Disconnect).
   s->store_->SetDepartureGrace(absl::Seconds(1));
+  s->store_->SetApplyThreads(options.apply_threads > 0 ? options.apply_threads
+                                                       : DefaultApplyThreads());
   const uint64_t job_hash = JobHash(options.job);
   const tessera::v1::JobSpec& job = options.job;
   s->checkpoint_timeout_ = absl::Milliseconds(job.consistency().barrier_timeout_ms());

@@ -42,6 +42,11 @@ ABSL_FLAG(std::string, metrics_port_file, "",
 ABSL_FLAG(int32_t, max_sessions, 0,
           "Most worker streams served at once; more are refused with "
           "RESOURCE_EXHAUSTED (0: 4 per worker + 8).");
+ABSL_FLAG(int32_t, apply_threads, 0,
+          "Threads that share the work of a push or step of 1 MiB or more "
+          "(finiteness check, sums, optimizer), across the shard's blocks; "
+          "results do not depend on it. 0: the CPUs this process may use "
+          "(affinity and cgroup quota), at most 4.");
 ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
           "On SIGTERM/SIGINT, wait this long for in-flight calls.");
 
@@ -98,6 +103,11 @@ int main(int argc, char** argv) {
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.security = tessera::SecurityFilesFromFlags();
   options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.apply_threads = absl::GetFlag(FLAGS_apply_threads);
+  if (options.apply_threads < 0 || options.apply_threads > 256) {
+    return Fail(absl::StrCat("--apply_threads=", options.apply_threads,
+                             ": must be 0 (automatic) or in [1, 256]"));
+  }
   absl::StatusOr<tessera::SocketTuning> tuning = tessera::SocketTuningFromFlags();
   if (!tuning.ok()) return Fail(std::string(tuning.status().message()));
   options.socket_tuning = *tuning;

@@ -28,6 +28,16 @@ const float* PayloadFloats(absl::string_view payload) {
   return reinterpret_cast<const float*>(payload.data());
 }
 
+// Total payload bytes of a push.
+int64_t PayloadBytes(const PushRequest& request, absl::Span<const absl::string_view> payloads) {
+  int64_t bytes = 0;
+  for (int i = 0; i < request.blocks_size(); ++i) bytes += PayloadOf(request, payloads, i).size();
+  return bytes;
+}
+
+// Optimizer slots per block at most (Adam has two); checked by Create.
+constexpr int kMaxSlots = 4;
+
 using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf, Eigen::Unaligned>;
 using ArrayMap = Eigen::Map<Eigen::ArrayXf, Eigen::Unaligned>;
 
@@ -49,6 +59,10 @@ absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Create(
   absl::StatusOr<std::unique_ptr<Optimizer>> optimizer =
       Optimizer::Create(job.optimizer());
   if (!optimizer.ok()) return Annotate(optimizer.status(), "job");
+  if ((*optimizer)->num_slots() > kMaxSlots) {
+    return absl::InternalError(absl::StrCat("optimizer with ", (*optimizer)->num_slots(),
+                                            " slots per block; the store takes ", kMaxSlots));
+  }
   std::unique_ptr<ShardStore> store(
       new ShardStore(job, shard, std::move(partition), *std::move(optimizer)));
   // Initial values depend only on (seed, parameter, element), so every shard
@@ -107,6 +121,8 @@ absl::Status ShardStore::Validate(const PushRequest& request,
   }
   // Each owned block exactly once; ids are dense so a bitmap suffices.
   std::vector<bool> seen(blocks_.size(), false);
+  // Values each block carries, for the finiteness pass below.
+  std::vector<int64_t> values_of(request.blocks_size());
   for (int i = 0; i < request.blocks_size(); ++i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     const absl::string_view data = PayloadOf(request, payloads, i);
@@ -142,13 +158,36 @@ absl::Status ShardStore::Validate(const PushRequest& request,
       return absl::InvalidArgumentError(
           absl::StrCat("block ", id, ": indices on a dense block (set sparse)"));
     }
-    if (!PayloadWithinGradientLimit(tb.dtype(), data, values)) {
+    values_of[i] = values;
+  }
+  // Finiteness reads every payload byte: the one pass that costs, so it
+  // runs on the apply threads. The first bad block in push order is named.
+  std::vector<char> bad(request.blocks_size(), 0);
+  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
+    const tessera::v1::TensorBlock& tb = request.blocks(i);
+    bad[i] = !PayloadWithinGradientLimit(tb.dtype(), PayloadOf(request, payloads, i), values_of[i]);
+  });
+  for (int i = 0; i < request.blocks_size(); ++i) {
+    if (bad[i]) {
       *nonfinite = true;
       return absl::InvalidArgumentError(absl::StrCat(
-          "block ", id, ": gradient has NaN or infinite values, or values of magnitude >= 2^101"));
+          "block ", request.blocks(i).block_id(),
+          ": gradient has NaN or infinite values, or values of magnitude >= 2^101"));
     }
   }
   return absl::OkStatus();
+}
+
+void ShardStore::SetApplyThreads(int threads) {
+  pool_ = threads > 1 ? std::make_unique<ApplyPool>(threads) : nullptr;
+}
+
+void ShardStore::ForEachBlock(int n, int64_t bytes, absl::FunctionRef<void(int)> fn) const {
+  if (pool_ != nullptr && bytes >= kParallelBytes) {
+    pool_->Run(n, fn);
+  } else {
+    for (int i = 0; i < n; ++i) fn(i);
+  }
 }
 
 absl::Status ShardStore::Connect(int worker, int64_t incarnation) {
@@ -346,7 +385,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     return PushOutcome{true, "", staleness};
   }
 
-  for (int i = 0; i < request.blocks_size(); ++i) {
+  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
@@ -356,7 +395,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     } else {
       AccumulateInto(tb.dtype(), data, b->accum.data(), b->info.num_elements);
     }
-  }
+  });
   bool apply = false;
   int contributors = 0;
   {
@@ -376,19 +415,18 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
 void ShardStore::ApplyStep(int contributors, int64_t step) {
   const float lr = static_cast<float>(optimizer_->LearningRate(step));
   const float scale = 1.0f / static_cast<float>(contributors);
-  std::vector<float*> slots;
-  for (Block* b : owned_) {
+  ForEachBlock(static_cast<int>(owned_.size()), partition_.shard_bytes(shard_), [&](int i) {
+    Block* b = owned_[i];
     absl::MutexLock lock(&b->mu);
     const int64_t n = b->info.num_elements;
     ArrayMap accum(b->accum.data(), n);
     accum *= scale;
-    slots.clear();
-    for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
+    float* slots[kMaxSlots];
+    for (size_t k = 0; k < b->slots.size(); ++k) slots[k] = b->slots[k].data();
     ++b->updates;
-    optimizer_->Apply(b->updates, lr, b->params.data(), b->accum.data(),
-                      slots.data(), n);
+    optimizer_->Apply(b->updates, lr, b->params.data(), b->accum.data(), slots, n);
     accum.setZero();
-  }
+  });
 }
 
 void ShardStore::CompleteStep(int contributors, int64_t step) {
@@ -486,14 +524,13 @@ void ShardStore::ApplyDirect(const PushRequest& request,
   // Asynchronous modes schedule the learning rate by the pushing worker's
   // own step, so the schedule does not depend on arrival order.
   const float lr = static_cast<float>(optimizer_->LearningRate(request.step()));
-  std::vector<float*> slots;
-  for (int i = 0; i < request.blocks_size(); ++i) {
+  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
-    slots.clear();
-    for (AlignedBuffer& s : b->slots) slots.push_back(s.data());
+    float* slots[kMaxSlots];
+    for (size_t k = 0; k < b->slots.size(); ++k) slots[k] = b->slots[k].data();
     ++b->updates;
     const float* grad = PayloadFloats(data);
     if (tb.sparse()) {
@@ -510,9 +547,8 @@ void ShardStore::ApplyDirect(const PushRequest& request,
       DecodeF32(tb.dtype(), data, b->scratch.span()).IgnoreError();  // validated
       grad = b->scratch.data();
     }
-    optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots.data(),
-                      b->info.num_elements);
-  }
+    optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots, b->info.num_elements);
+  });
 }
 
 int64_t ShardStore::SlowestClockLocked() const {

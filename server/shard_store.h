@@ -13,6 +13,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -23,6 +24,7 @@
 #include "common/model_spec.h"
 #include "common/partition.h"
 #include "proto/tessera.pb.h"
+#include "server/apply_pool.h"
 #include "server/checkpoint.h"
 #include "server/optimizer.h"
 
@@ -85,6 +87,13 @@ class ShardStore {
 
   // How long Disconnect waits for a reconnect in SYNC mode (default 0).
   void SetDepartureGrace(absl::Duration grace);
+
+  // Threads, the caller's included, that share the per-block work of a
+  // push or step (finiteness check, sums, optimizer) once it reaches
+  // kParallelBytes of payload; 1 (the default) keeps it on the caller.
+  // Results do not depend on it. Call before serving.
+  void SetApplyThreads(int threads);
+  static constexpr int64_t kParallelBytes = int64_t{1} << 20;
 
   // Counts a request refused before it reached the store (a stream message
   // that is neither one push nor one pull), so that requests_rejected counts
@@ -178,6 +187,9 @@ class ShardStore {
   void ApplyDirect(const tessera::v1::PushRequest& request,
                    absl::Span<const absl::string_view> payloads);
   bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // fn(i) for i in [0, n): on the apply threads when `bytes` (the work's
+  // payload) reaches kParallelBytes, else in order on this thread.
+  void ForEachBlock(int n, int64_t bytes, absl::FunctionRef<void(int)> fn) const;
   int64_t SlowestClockLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.
@@ -206,6 +218,7 @@ class ShardStore {
   // open step's partial sums) instead of refusing them.
   bool recovering_ ABSL_GUARDED_BY(mu_) = true;
   // Set before serving, then constant.
+  std::unique_ptr<ApplyPool> pool_;  // null: one thread
   int64_t checkpoint_every_ = 0;
   std::function<void(ShardState)> checkpoint_hook_;
   StoreStats counters_ ABSL_GUARDED_BY(mu_);

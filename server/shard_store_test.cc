@@ -1,9 +1,12 @@
 #include "server/shard_store.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
@@ -566,6 +569,102 @@ TEST(ShardStoreTest, MalformedSparsePushesAreRejectedAndChangeNothing) {
 TEST(ShardStoreTest, CreateRejectsBadShard) {
   EXPECT_EQ(ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 1, 2), 2).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+
+// A job of 2 MiB of parameters in 64 KiB blocks, so pushes reach
+// ShardStore::kParallelBytes and run on the apply threads when there are
+// several. Adam, so every block also updates two slots.
+JobSpec LargeAdamJob(tessera::v1::ConsistencyMode mode, int workers) {
+  JobSpec job = ExactSumJob(mode, workers);
+  job.set_model("linear:1024-512");
+  job.set_block_bytes(64 << 10);
+  job.mutable_optimizer()->set_type(tessera::v1::ADAM);
+  job.mutable_optimizer()->set_learning_rate(0.01);
+  EXPECT_TRUE(ValidateJobSpec(&job).ok());
+  return job;
+}
+
+// A dense push whose value for element k of block b is a fixed function of
+// (step, worker, b, k), different in every block.
+PushRequest VariedPush(const ShardStore& store, int64_t step, int worker) {
+  PushRequest push;
+  push.set_step(step);
+  for (uint32_t id : store.partition().shard_blocks(store.shard())) {
+    const BlockInfo& b = store.partition().blocks()[id];
+    std::vector<float> v(b.num_elements);
+    for (int64_t k = 0; k < b.num_elements; ++k) {
+      v[k] = std::sin(0.001f * static_cast<float>(k + 7 * id + 13 * step + 101 * worker));
+    }
+    tessera::v1::TensorBlock* tb = push.add_blocks();
+    tb->set_block_id(id);
+    tb->set_dtype(tessera::v1::F32);
+    EncodeF32(v, tb->mutable_data());
+  }
+  return push;
+}
+
+TEST(ShardStoreTest, ApplyThreadsGiveTheSameParametersBitForBit) {
+  for (auto mode : {tessera::v1::SYNC, tessera::v1::ASYNC}) {
+    SCOPED_TRACE(tessera::v1::ConsistencyMode_Name(mode));
+    auto one = ShardStore::Create(LargeAdamJob(mode, 2), 0);
+    auto four = ShardStore::Create(LargeAdamJob(mode, 2), 0);
+    ASSERT_TRUE(one.ok() && four.ok());
+    (*four)->SetApplyThreads(4);
+    ASSERT_GE((*one)->partition().shard_bytes(0), ShardStore::kParallelBytes);
+    ASSERT_GT((*one)->partition().shard_blocks(0).size(), 8u);
+    const std::vector<float> initial = AllParams(**one);
+    for (int64_t step = 0; step < 3; ++step) {
+      for (int worker = 0; worker < 2; ++worker) {
+        const PushRequest push = VariedPush(**one, step, worker);
+        ASSERT_TRUE((*one)->Push(worker, 1, push).ok());
+        ASSERT_TRUE((*four)->Push(worker, 1, push).ok());
+      }
+    }
+    const std::vector<float> after = AllParams(**one);
+    EXPECT_NE(after, initial);
+    EXPECT_EQ(AllParams(**four), after);
+    EXPECT_EQ((*four)->stats().version, (*one)->stats().version);
+
+    // A NaN in the last block: the whole push is refused on the threads
+    // too, naming that block, and nothing changes.
+    PushRequest bad = VariedPush(**four, 3, 0);
+    const int last = bad.blocks_size() - 1;
+    std::string* data = bad.mutable_blocks(last)->mutable_data();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    std::memcpy(data->data() + data->size() - sizeof(float), &nan, sizeof(float));
+    const absl::StatusOr<PushOutcome> refused = (*four)->Push(0, 1, bad);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(refused.status().message().find(
+                  absl::StrCat("block ", bad.blocks(last).block_id(), ": gradient has NaN")),
+              std::string::npos)
+        << refused.status();
+    EXPECT_EQ((*four)->stats().nonfinite_rejected, 1);
+    EXPECT_EQ(AllParams(**four), after);
+  }
+}
+
+TEST(ApplyPoolTest, RunsEveryTaskOnceAlsoWhenTwoRunsOverlap) {
+  ApplyPool pool(3);
+  EXPECT_EQ(pool.threads(), 3);
+  constexpr int kTasks = 2000;
+  std::vector<std::atomic<int>> calls_a(kTasks), calls_b(kTasks);
+  // Two callers at once: one gets the helpers, the other runs its own
+  // tasks; neither may see the other's.
+  std::thread other([&] {
+    for (int round = 0; round < 20; ++round) {
+      pool.Run(kTasks, [&](int i) { calls_b[i].fetch_add(1); });
+    }
+  });
+  for (int round = 0; round < 20; ++round) {
+    pool.Run(kTasks, [&](int i) { calls_a[i].fetch_add(1); });
+  }
+  other.join();
+  for (int i = 0; i < kTasks; ++i) {
+    ASSERT_EQ(calls_a[i].load(), 20) << "task " << i;
+    ASSERT_EQ(calls_b[i].load(), 20) << "task " << i;
+  }
+  pool.Run(0, [](int) { FAIL() << "no task to run"; });
 }
 
 }  // namespace
