@@ -279,12 +279,12 @@ void EncodeBlockPayload(tessera::v1::DType dtype, absl::Span<const float> values
                         absl::Span<char> area, uint64_t* used,
                         tessera::v1::TensorBlock* block) {
   const uint64_t bytes = values.size() * DTypeSize(dtype);
-  if (bytes > 0 && *used <= area.size() && bytes <= area.size() - *used) {
+  if (PayloadFits(*used, bytes, area.size())) {
     EncodeToShared(dtype, values, area.subspan(*used, bytes));
     block->clear_data();
     block->set_shm_offset(*used);
     block->set_shm_size(bytes);
-    *used = std::min<uint64_t>(AlignPayload(*used + bytes), area.size());
+    *used = NextPayloadOffset(*used, bytes, area.size());
   } else {
     block->clear_shm_offset();
     block->clear_shm_size();

@@ -31,6 +31,7 @@
 #ifndef TESSERA_COMMON_SHARED_REGION_H_
 #define TESSERA_COMMON_SHARED_REGION_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -102,10 +103,22 @@ void EncodeToShared(tessera::v1::DType dtype, absl::Span<const float> values,
 // payload ending at `end` where the next may start.
 inline uint64_t AlignPayload(uint64_t end) { return (end + 63) / 64 * 64; }
 
+// Whether a payload of `bytes` fits in an area of `area_bytes` at `used`,
+// and where the next payload may start: past it when it fits, else `used`.
+inline bool PayloadFits(uint64_t used, uint64_t bytes, uint64_t area_bytes) {
+  return bytes > 0 && used <= area_bytes && bytes <= area_bytes - used;
+}
+inline uint64_t NextPayloadOffset(uint64_t used, uint64_t bytes, uint64_t area_bytes) {
+  return PayloadFits(used, bytes, area_bytes) ? std::min(AlignPayload(used + bytes), area_bytes)
+                                              : used;
+}
+
 // Writes `values` in `dtype` as `block`'s payload: into `area` at *used
 // (EncodeToShared; shm_offset/shm_size set, `data` cleared) when it fits,
-// and *used moves past it; otherwise inline in `data` (shm fields cleared).
-// An empty `area` means no region: always inline.
+// and *used moves to NextPayloadOffset; otherwise inline in `data` (shm
+// fields cleared). An empty `area` means no region: always inline. Blocks
+// may be written in any order, each with the *used the blocks before it
+// would leave (NextPayloadOffset).
 void EncodeBlockPayload(tessera::v1::DType dtype, absl::Span<const float> values,
                         absl::Span<char> area, uint64_t* used,
                         tessera::v1::TensorBlock* block);

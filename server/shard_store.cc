@@ -596,17 +596,31 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
   while (out->blocks_size() > static_cast<int>(owned_.size())) {
     out->mutable_blocks()->RemoveLast();
   }
+  // Where each block goes in the area depends on the sizes alone, so the
+  // blocks can be encoded in any order (on the apply threads when large).
+  // (The caller's own vector, named by reference: a helper thread would
+  // see its own thread_local one.)
+  thread_local std::vector<uint64_t> offsets_storage;
+  std::vector<uint64_t>& offsets = offsets_storage;
+  offsets.resize(owned_.size());
   uint64_t area_used = 0;
   for (size_t i = 0; i < owned_.size(); ++i) {
     Block* b = owned_[i];
-    tessera::v1::TensorBlock* tb =
-        static_cast<int>(i) < out->blocks_size() ? out->mutable_blocks(i)
-                                                 : out->add_blocks();
+    if (static_cast<int>(i) == out->blocks_size()) out->add_blocks();
+    tessera::v1::TensorBlock* tb = out->mutable_blocks(static_cast<int>(i));
     tb->set_block_id(b->info.id);
     tb->set_dtype(wire_dtype_);
-    absl::MutexLock lock(&b->mu);
-    EncodeBlockPayload(wire_dtype_, b->params.span(), area, &area_used, tb);
+    offsets[i] = area_used;
+    area_used = NextPayloadOffset(
+        area_used, static_cast<uint64_t>(b->info.num_elements) * DTypeSize(wire_dtype_),
+        area.size());
   }
+  ForEachBlock(static_cast<int>(owned_.size()), partition_.shard_bytes(shard_), [&](int i) {
+    Block* b = owned_[i];
+    uint64_t used = offsets[i];
+    absl::MutexLock lock(&b->mu);
+    EncodeBlockPayload(wire_dtype_, b->params.span(), area, &used, out->mutable_blocks(i));
+  });
   return absl::OkStatus();
 }
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
+#include "common/shared_region.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
 
@@ -625,6 +626,34 @@ TEST(ShardStoreTest, ApplyThreadsGiveTheSameParametersBitForBit) {
     EXPECT_NE(after, initial);
     EXPECT_EQ(AllParams(**four), after);
     EXPECT_EQ((*four)->stats().version, (*one)->stats().version);
+    // Pulls into a same-host reply area, whole and too small for every
+    // block (the rest go inline), come out byte for byte the same.
+    const uint64_t full = SharedAreaBytes((*one)->partition().shard_bytes(0),
+                                          (*one)->partition().shard_blocks(0).size());
+    for (uint64_t area_bytes : {full, full / 3}) {
+      std::vector<char> area_one(area_bytes, 0), area_four(area_bytes, 0);
+      tessera::v1::PullResult pull_one, pull_four;
+      ASSERT_TRUE((*one)->Pull(0, absl::ZeroDuration(), &pull_one, absl::MakeSpan(area_one)).ok());
+      ASSERT_TRUE(
+          (*four)->Pull(0, absl::ZeroDuration(), &pull_four, absl::MakeSpan(area_four)).ok());
+      EXPECT_EQ(pull_four.SerializeAsString(), pull_one.SerializeAsString());
+      EXPECT_TRUE(area_four == area_one);
+      // And they hold the parameters: each block read back where its
+      // message says, from the area or inline.
+      int inline_blocks = 0;
+      std::vector<float> read_back(after.size());
+      for (const auto& tb : pull_four.blocks()) {
+        inline_blocks += tb.shm_size() == 0;
+        const absl::StatusOr<absl::string_view> payload = BlockPayload(tb, area_four);
+        ASSERT_TRUE(payload.ok()) << payload.status();
+        const BlockInfo& b = (*four)->partition().blocks()[tb.block_id()];
+        ASSERT_TRUE(DecodeF32(tb.dtype(), *payload,
+                              absl::MakeSpan(read_back).subspan(b.flat_offset, b.num_elements))
+                        .ok());
+      }
+      EXPECT_EQ(read_back, after);
+      EXPECT_EQ(inline_blocks > 0, area_bytes < full) << inline_blocks;
+    }
 
     // A NaN in the last block: the whole push is refused on the threads
     // too, naming that block, and nothing changes.
