@@ -61,6 +61,7 @@ void ApplyPool::Run(int n, absl::FunctionRef<void(int)> fn) {
     for (int i = 0; i < n; ++i) fn(i);
     return;
   }
+  shared_runs_.fetch_add(1, std::memory_order_relaxed);
   {
     absl::MutexLock lock(&mu_);
     fn_ = &fn;

@@ -7,6 +7,7 @@
 #ifndef TESSERA_SERVER_APPLY_POOL_H_
 #define TESSERA_SERVER_APPLY_POOL_H_
 
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -37,6 +38,9 @@ class ApplyPool {
   // Run.
   void Run(int n, absl::FunctionRef<void(int)> fn);
 
+  // Runs so far that had the helpers (for tests and diagnostics).
+  int64_t shared_runs() const { return shared_runs_.load(std::memory_order_relaxed); }
+
  private:
   // Claims and runs tasks of the current Run until none is left.
   void Work() ABSL_LOCKS_EXCLUDED(mu_);
@@ -50,6 +54,7 @@ class ApplyPool {
   int next_ ABSL_GUARDED_BY(mu_) = 0;      // next task to claim
   int finished_ ABSL_GUARDED_BY(mu_) = 0;  // tasks whose call returned
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::atomic<int64_t> shared_runs_{0};
   std::vector<std::thread> helpers_;  // last: start after the fields above
 };
 

@@ -53,9 +53,8 @@ struct ServerOptions {
   SocketTuning socket_tuning;
   // Accept workers' same-host shared-memory regions (common/shared_region.h).
   bool allow_shared_memory = true;
-  // Threads that share the per-block work of a push or step of at least
-  // ShardStore::kParallelBytes (ShardStore::SetApplyThreads); 0:
-  // DefaultApplyThreads().
+  // Threads that share the per-block work of large pushes, steps and
+  // pulls (ShardStore::SetApplyThreads); 0: DefaultApplyThreads().
   int apply_threads = 1;
 };
 

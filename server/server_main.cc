@@ -43,10 +43,11 @@ ABSL_FLAG(int32_t, max_sessions, 0,
           "Most worker streams served at once; more are refused with "
           "RESOURCE_EXHAUSTED (0: 4 per worker + 8).");
 ABSL_FLAG(int32_t, apply_threads, 0,
-          "Threads that share the work of a push or step of 1 MiB or more "
-          "(finiteness check, sums, optimizer), across the shard's blocks; "
-          "results do not depend on it. 0: the CPUs this process may use "
-          "(affinity and cgroup quota), at most 4.");
+          "Threads that share the per-block work of a push, step or pull "
+          "(finiteness check, sums, optimizer, encoding) when the blocks "
+          "other than the largest hold 1 MiB or more; results do not depend "
+          "on it. 0: the CPUs this process may use (affinity and cgroup "
+          "quota), at most 4.");
 ABSL_FLAG(int32_t, shutdown_grace_ms, 5000,
           "On SIGTERM/SIGINT, wait this long for in-flight calls.");
 

@@ -28,11 +28,12 @@ const float* PayloadFloats(absl::string_view payload) {
   return reinterpret_cast<const float*>(payload.data());
 }
 
-// Total payload bytes of a push.
-int64_t PayloadBytes(const PushRequest& request, absl::Span<const absl::string_view> payloads) {
-  int64_t bytes = 0;
-  for (int i = 0; i < request.blocks_size(); ++i) bytes += PayloadOf(request, payloads, i).size();
-  return bytes;
+
+// Payload bytes of each block of a push, for ShardStore::ForEachBlock.
+auto PayloadSizes(const PushRequest& request, absl::Span<const absl::string_view> payloads) {
+  return [&request, payloads](int i) {
+    return static_cast<int64_t>(PayloadOf(request, payloads, i).size());
+  };
 }
 
 // Optimizer slots per block at most (Adam has two); checked by Create.
@@ -163,7 +164,7 @@ absl::Status ShardStore::Validate(const PushRequest& request,
   // Finiteness reads every payload byte: the one pass that costs, so it
   // runs on the apply threads. The first bad block in push order is named.
   std::vector<char> bad(request.blocks_size(), 0);
-  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
+  ForEachBlock(request.blocks_size(), PayloadSizes(request, payloads), [&](int i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     bad[i] = !PayloadWithinGradientLimit(tb.dtype(), PayloadOf(request, payloads, i), values_of[i]);
   });
@@ -182,8 +183,24 @@ void ShardStore::SetApplyThreads(int threads) {
   pool_ = threads > 1 ? std::make_unique<ApplyPool>(threads) : nullptr;
 }
 
-void ShardStore::ForEachBlock(int n, int64_t bytes, absl::FunctionRef<void(int)> fn) const {
-  if (pool_ != nullptr && bytes >= kParallelBytes) {
+std::function<int64_t(int)> ShardStore::OwnedSizes() const {
+  return [this](int i) { return owned_[i]->info.num_elements * int64_t{sizeof(float)}; };
+}
+
+void ShardStore::ForEachBlock(int n, absl::FunctionRef<int64_t(int)> bytes_of,
+                              absl::FunctionRef<void(int)> fn) const {
+  // The largest block bounds how far threads can shorten the work; they
+  // pay off when the others hold enough besides it.
+  int64_t total = 0;
+  int64_t largest = 0;
+  if (pool_ != nullptr) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t b = bytes_of(i);
+      total += b;
+      largest = std::max(largest, b);
+    }
+  }
+  if (pool_ != nullptr && total - largest >= kParallelBytes) {
     pool_->Run(n, fn);
   } else {
     for (int i = 0; i < n; ++i) fn(i);
@@ -385,7 +402,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     return PushOutcome{true, "", staleness};
   }
 
-  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
+  ForEachBlock(request.blocks_size(), PayloadSizes(request, payloads), [&](int i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
@@ -415,7 +432,7 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
 void ShardStore::ApplyStep(int contributors, int64_t step) {
   const float lr = static_cast<float>(optimizer_->LearningRate(step));
   const float scale = 1.0f / static_cast<float>(contributors);
-  ForEachBlock(static_cast<int>(owned_.size()), partition_.shard_bytes(shard_), [&](int i) {
+  ForEachBlock(static_cast<int>(owned_.size()), OwnedSizes(), [&](int i) {
     Block* b = owned_[i];
     absl::MutexLock lock(&b->mu);
     const int64_t n = b->info.num_elements;
@@ -524,7 +541,7 @@ void ShardStore::ApplyDirect(const PushRequest& request,
   // Asynchronous modes schedule the learning rate by the pushing worker's
   // own step, so the schedule does not depend on arrival order.
   const float lr = static_cast<float>(optimizer_->LearningRate(request.step()));
-  ForEachBlock(request.blocks_size(), PayloadBytes(request, payloads), [&](int i) {
+  ForEachBlock(request.blocks_size(), PayloadSizes(request, payloads), [&](int i) {
     const tessera::v1::TensorBlock& tb = request.blocks(i);
     const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
@@ -615,7 +632,7 @@ absl::Status ShardStore::Pull(int64_t step, absl::Duration timeout,
         area_used, static_cast<uint64_t>(b->info.num_elements) * DTypeSize(wire_dtype_),
         area.size());
   }
-  ForEachBlock(static_cast<int>(owned_.size()), partition_.shard_bytes(shard_), [&](int i) {
+  ForEachBlock(static_cast<int>(owned_.size()), OwnedSizes(), [&](int i) {
     Block* b = owned_[i];
     uint64_t used = offsets[i];
     absl::MutexLock lock(&b->mu);

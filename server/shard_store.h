@@ -89,11 +89,14 @@ class ShardStore {
   void SetDepartureGrace(absl::Duration grace);
 
   // Threads, the caller's included, that share the per-block work of a
-  // push or step (finiteness check, sums, optimizer) once it reaches
-  // kParallelBytes of payload; 1 (the default) keeps it on the caller.
-  // Results do not depend on it. Call before serving.
+  // push, step or pull (finiteness check, sums, optimizer, encoding) once
+  // the blocks other than the largest hold kParallelBytes of it; 1 (the
+  // default) keeps it on the caller. Results do not depend on it. Call
+  // before serving.
   void SetApplyThreads(int threads);
   static constexpr int64_t kParallelBytes = int64_t{1} << 20;
+  // Calls whose blocks the apply threads shared (for tests).
+  int64_t shared_apply_runs() const { return pool_ != nullptr ? pool_->shared_runs() : 0; }
 
   // Counts a request refused before it reached the store (a stream message
   // that is neither one push nor one pull), so that requests_rejected counts
@@ -187,9 +190,13 @@ class ShardStore {
   void ApplyDirect(const tessera::v1::PushRequest& request,
                    absl::Span<const absl::string_view> payloads);
   bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // fn(i) for i in [0, n): on the apply threads when `bytes` (the work's
-  // payload) reaches kParallelBytes, else in order on this thread.
-  void ForEachBlock(int n, int64_t bytes, absl::FunctionRef<void(int)> fn) const;
+  // fn(i) for i in [0, n): on the apply threads when the blocks other
+  // than the largest (bytes_of(i) each) hold kParallelBytes or more, else
+  // in order on this thread.
+  void ForEachBlock(int n, absl::FunctionRef<int64_t(int)> bytes_of,
+                    absl::FunctionRef<void(int)> fn) const;
+  // bytes_of for the owned blocks (F32 parameters, sums, slots alike).
+  std::function<int64_t(int)> OwnedSizes() const;
   int64_t SlowestClockLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   // Constant after construction.

@@ -1,5 +1,6 @@
 #include "server/shard_store.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -573,9 +574,8 @@ TEST(ShardStoreTest, CreateRejectsBadShard) {
 }
 
 
-// A job of 2 MiB of parameters in 64 KiB blocks, so pushes reach
-// ShardStore::kParallelBytes and run on the apply threads when there are
-// several. Adam, so every block also updates two slots.
+// A job of 2 MiB of parameters in 64 KiB blocks, so pushes, steps and
+// pulls run on the apply threads when there are several. Adam, so every block also updates two slots.
 JobSpec LargeAdamJob(tessera::v1::ConsistencyMode mode, int workers) {
   JobSpec job = ExactSumJob(mode, workers);
   job.set_model("linear:1024-512");
@@ -612,7 +612,12 @@ TEST(ShardStoreTest, ApplyThreadsGiveTheSameParametersBitForBit) {
     auto four = ShardStore::Create(LargeAdamJob(mode, 2), 0);
     ASSERT_TRUE(one.ok() && four.ok());
     (*four)->SetApplyThreads(4);
-    ASSERT_GE((*one)->partition().shard_bytes(0), ShardStore::kParallelBytes);
+    // Enough besides the largest block for the threads to take part.
+    int64_t largest = 0;
+    for (uint32_t id : (*one)->partition().shard_blocks(0)) {
+      largest = std::max(largest, (*one)->partition().blocks()[id].num_elements * 4);
+    }
+    ASSERT_GE((*one)->partition().shard_bytes(0) - largest, ShardStore::kParallelBytes);
     ASSERT_GT((*one)->partition().shard_blocks(0).size(), 8u);
     const std::vector<float> initial = AllParams(**one);
     for (int64_t step = 0; step < 3; ++step) {
@@ -626,6 +631,8 @@ TEST(ShardStoreTest, ApplyThreadsGiveTheSameParametersBitForBit) {
     EXPECT_NE(after, initial);
     EXPECT_EQ(AllParams(**four), after);
     EXPECT_EQ((*four)->stats().version, (*one)->stats().version);
+    EXPECT_EQ((*one)->shared_apply_runs(), 0);
+    EXPECT_GT((*four)->shared_apply_runs(), 0) << "the threads never took part";
     // Pulls into a same-host reply area, whole and too small for every
     // block (the rest go inline), come out byte for byte the same.
     const uint64_t full = SharedAreaBytes((*one)->partition().shard_bytes(0),
