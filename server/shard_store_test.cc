@@ -7,6 +7,7 @@
 #include <limits>
 #include <thread>
 
+#include "absl/functional/function_ref.h"
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "common/shared_region.h"
@@ -43,19 +44,27 @@ JobSpec ExactSumJob(tessera::v1::ConsistencyMode mode, int workers, int shards =
   return job;
 }
 
-// A push of `value` in every element of every block the store owns.
-PushRequest FullPush(const ShardStore& store, int64_t step, float value) {
+// A dense F32 push for every block the store owns, with value(id, k) as
+// element k of block `id`.
+PushRequest DensePush(const ShardStore& store, int64_t step,
+                      absl::FunctionRef<float(uint32_t id, int64_t k)> value) {
   PushRequest push;
   push.set_step(step);
   for (uint32_t id : store.partition().shard_blocks(store.shard())) {
     const BlockInfo& b = store.partition().blocks()[id];
+    std::vector<float> v(b.num_elements);
+    for (int64_t k = 0; k < b.num_elements; ++k) v[k] = value(id, k);
     tessera::v1::TensorBlock* tb = push.add_blocks();
     tb->set_block_id(id);
     tb->set_dtype(tessera::v1::F32);
-    std::vector<float> v(b.num_elements, value);
     EncodeF32(v, tb->mutable_data());
   }
   return push;
+}
+
+// A push of `value` in every element of every block the store owns.
+PushRequest FullPush(const ShardStore& store, int64_t step, float value) {
+  return DensePush(store, step, [value](uint32_t, int64_t) { return value; });
 }
 
 std::vector<float> AllParams(ShardStore& store) {
@@ -589,20 +598,9 @@ JobSpec LargeAdamJob(tessera::v1::ConsistencyMode mode, int workers) {
 // A dense push whose value for element k of block b is a fixed function of
 // (step, worker, b, k), different in every block.
 PushRequest VariedPush(const ShardStore& store, int64_t step, int worker) {
-  PushRequest push;
-  push.set_step(step);
-  for (uint32_t id : store.partition().shard_blocks(store.shard())) {
-    const BlockInfo& b = store.partition().blocks()[id];
-    std::vector<float> v(b.num_elements);
-    for (int64_t k = 0; k < b.num_elements; ++k) {
-      v[k] = std::sin(0.001f * static_cast<float>(k + 7 * id + 13 * step + 101 * worker));
-    }
-    tessera::v1::TensorBlock* tb = push.add_blocks();
-    tb->set_block_id(id);
-    tb->set_dtype(tessera::v1::F32);
-    EncodeF32(v, tb->mutable_data());
-  }
-  return push;
+  return DensePush(store, step, [step, worker](uint32_t id, int64_t k) {
+    return std::sin(0.001f * static_cast<float>(k + 7 * id + 13 * step + 101 * worker));
+  });
 }
 
 TEST(ShardStoreTest, ApplyThreadsGiveTheSameParametersBitForBit) {
