@@ -1,8 +1,9 @@
-// Threads for the per-block arithmetic of one push or step: validating a
+// Threads for the per-block work of one push, step or pull: checking a
 // push's payloads, adding them into the step's sums, running the
-// optimizer. A shard's blocks are independent (each has its own numbers
-// and mutex), so the results are the same whether one thread or several do
-// the work, bit for bit.
+// optimizer, encoding pulled parameters. A shard's blocks are independent
+// (each has its own numbers and mutex), so the results are the same
+// whether one thread or several do the work, bit for bit. ShardStore
+// decides when the work is large enough to share (SetApplyThreads).
 
 #ifndef TESSERA_SERVER_APPLY_POOL_H_
 #define TESSERA_SERVER_APPLY_POOL_H_
@@ -58,9 +59,10 @@ class ApplyPool {
   std::vector<std::thread> helpers_;  // last: start after the fields above
 };
 
-// CPUs this process may run on: its affinity mask, lowered to the cgroup's
-// CPU quota (cgroup v2 cpu.max or v1 cpu.cfs_quota_us) when one is set,
-// rounded up. At least 1.
+// CPUs this process may run on: its affinity mask, lowered to the CPU
+// quota of the cgroup mounted at /sys/fs/cgroup (v2 cpu.max, or v1
+// cpu/cpu.cfs_quota_us; a container's own) when one is set, rounded up.
+// At least 1.
 int AvailableCpus();
 
 // The servers' default number of apply threads: AvailableCpus(), at most 4.

@@ -28,7 +28,6 @@ const float* PayloadFloats(absl::string_view payload) {
   return reinterpret_cast<const float*>(payload.data());
 }
 
-
 // Payload bytes of each block of a push, for ShardStore::ForEachBlock.
 auto PayloadSizes(const PushRequest& request, absl::Span<const absl::string_view> payloads) {
   return [&request, payloads](int i) {
