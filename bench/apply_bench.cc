@@ -17,9 +17,15 @@
 // bench times those passes (DecodeF32 into a float buffer, AllFinite) over
 // the same 64 MiB, counted as 8 and 4 bytes per element.
 //
+// With --threads=N > 1 (default: the server's --apply_threads default on
+// this machine), SGD and Adam run again over the same 64 MiB cut into 4 MiB
+// blocks shared by N threads (server/apply_pool.h), as a server shares a
+// large step's blocks; rows "sgd_xN" and "adam_xN", still against one-core
+// memcpy.
+//
 // Output: one JSON document (stdout, or --out); a table on stderr.
 //
-// Usage: apply_bench [--mib=64] [--reps=20] [--out=FILE]
+// Usage: apply_bench [--mib=64] [--reps=20] [--threads=N] [--out=FILE]
 
 #include <algorithm>
 #include <chrono>
@@ -39,10 +45,14 @@
 #include "absl/strings/str_join.h"
 #include "common/aligned_buffer.h"
 #include "common/tensor_codec.h"
+#include "server/apply_pool.h"
 #include "server/optimizer.h"
 
 ABSL_FLAG(int64_t, mib, 64, "Parameter bytes per Apply, in MiB.");
 ABSL_FLAG(int32_t, reps, 20, "Timed repetitions; the median is reported.");
+ABSL_FLAG(int32_t, threads, -1,
+          "Threads for the sgd_xN and adam_xN rows (1: none; default: "
+          "tessera-server's default --apply_threads here).");
 ABSL_FLAG(std::string, out, "", "Write the JSON document here (default: stdout).");
 
 namespace tessera {
@@ -84,6 +94,10 @@ int Main() {
   AlignedBuffer params(n, 0.5f), grad(n, 1e-4f), slot0(n, 0.0f), slot1(n, 0.0f);
   AlignedBuffer src(n, 1.0f), dst(n, 2.0f);
 
+  const int threads = absl::GetFlag(FLAGS_threads) < 0 ? DefaultApplyThreads()
+                                                       : absl::GetFlag(FLAGS_threads);
+  ApplyPool pool(threads);
+
   std::vector<Row> rows;
   rows.push_back({"memcpy", 8, Time(reps, [&] {
                     std::memcpy(dst.data(), src.data(), bytes);
@@ -120,6 +134,21 @@ int Main() {
     rows.push_back({c.name, c.bytes_per_element, Time(reps, [&] {
                       (*opt)->Apply(++count, lr, params.data(), grad.data(), slots, n);
                     })});
+    if (threads > 1 && (c.type == tessera::v1::SGD || c.type == tessera::v1::ADAM)) {
+      // 4 MiB blocks, each applied whole by one thread.
+      constexpr int64_t kBlock = 1 << 20;  // elements
+      const int blocks = static_cast<int>((n + kBlock - 1) / kBlock);
+      rows.push_back({absl::StrCat(c.name, "_x", threads), c.bytes_per_element,
+                      Time(reps, [&] {
+                        ++count;
+                        pool.Run(blocks, [&](int b) {
+                          const int64_t at = b * kBlock;
+                          float* block_slots[2] = {slot0.data() + at, slot1.data() + at};
+                          (*opt)->Apply(count, lr, params.data() + at, grad.data() + at,
+                                        block_slots, std::min(kBlock, n - at));
+                        });
+                      })});
+    }
   }
 
   // The other passes a push makes over its payload.
@@ -152,7 +181,7 @@ int Main() {
   getloadavg(load, 3);
   const std::string doc = absl::StrCat(
       "{\"benchmark\": \"apply\", \"parameter_bytes\": ", bytes, ", \"elements\": ", n,
-      ", \"reps\": ", reps,
+      ", \"reps\": ", reps, ", \"threads\": ", threads,
       ", \"memcpy_bytes_counted\": \"2x size (read + write)\", \"memcpy_gbps\": ",
       absl::StrFormat("%.4f", memcpy_gbps),
       ", \"load_average_end\": [", absl::StrFormat("%.2f, %.2f, %.2f", load[0], load[1], load[2]),
