@@ -34,6 +34,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 2 ] && CHAOS_SRC=$2
 source "$here/lib.sh"
 
+if [ -n "${CAPTURE:-}" ] && ! command -v tcpdump > /dev/null; then
+  echo "loss.sh: CAPTURE=1 needs tcpdump (apt-get install tcpdump)" >&2
+  exit 2
+fi
 max_steps=${MAX_STEPS:-200}
 run_limit_s=${RUN_LIMIT_S:-120}
 CHAOS_MTU_PACKETS=w1
