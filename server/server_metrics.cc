@@ -34,6 +34,13 @@ class StoreCollector : public prometheus::Collectable {
         store_->partition().shard_blocks(store_->shard()).size());
     add(GaugeFamily("tessera_shard_param_bytes", "Bytes of parameters this shard owns."),
         store_->partition().shard_bytes(store_->shard()));
+    add(GaugeFamily("tessera_shard_apply_threads",
+                    "Threads that share the per-block work of large pushes, steps and pulls "
+                    "(--apply_threads)."),
+        store_->apply_threads());
+    add(CounterFamily("tessera_shard_apply_shared_total",
+                      "Pushes, steps and pulls whose blocks the apply threads shared."),
+        static_cast<double>(store_->shared_apply_runs()));
     auto rejected = CounterFamily("tessera_shard_rejected_updates_total",
                                   "Pushes rejected, by reason.");
     AddSample(&rejected, s.nonfinite_rejected, {{"shard", shard_}, {"reason", "nonfinite"}});

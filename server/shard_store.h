@@ -95,7 +95,9 @@ class ShardStore {
   // before serving.
   void SetApplyThreads(int threads);
   static constexpr int64_t kParallelBytes = int64_t{1} << 20;
-  // Calls whose blocks the apply threads shared (for tests).
+  // Threads sharing large work (SetApplyThreads), and the calls whose
+  // blocks they shared so far.
+  int apply_threads() const { return pool_ != nullptr ? pool_->threads() : 1; }
   int64_t shared_apply_runs() const { return pool_ != nullptr ? pool_->shared_runs() : 0; }
 
   // Counts a request refused before it reached the store (a stream message

@@ -83,6 +83,7 @@ class MetricsTest : public ::testing::Test {
     for (int s = 0; s < 2; ++s) {
       std::vector<std::string> flags = common;
       flags.push_back(absl::StrCat("--shard=", s));
+      flags.push_back(absl::StrCat("--apply_threads=", s + 2));
       flags.push_back(absl::StrCat("--metrics_port_file=", dir_, "/server-", s, ".metrics"));
       if (s == 1) flags.push_back("--coordinator=" + servers_[0]->address());
       servers_.push_back(ServerProcess::Start(dir_, flags));
@@ -136,6 +137,10 @@ TEST_F(MetricsTest, EveryProcessServesValidMetrics) {
       EXPECT_GT(Sample(text, "tessera_shard_version", shard), 0);
       EXPECT_EQ(Sample(text, "tessera_shard_live_workers", shard), 2);
       EXPECT_GT(Sample(text, "tessera_shard_param_bytes", shard), 0);
+      // --apply_threads reaches the store; this job's shards are far too
+      // small for the threads to share anything.
+      EXPECT_EQ(Sample(text, "tessera_shard_apply_threads", shard), i + 2);
+      EXPECT_EQ(Sample(text, "tessera_shard_apply_shared_total", shard), 0);
       EXPECT_GT(Sample(text, "tessera_pull_wait_seconds_count", shard), 0);
       EXPECT_EQ(Sample(text, "tessera_shard_rejected_updates_total", "nonfinite"), 0);
       if (i == 0) {
