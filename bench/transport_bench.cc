@@ -334,9 +334,7 @@ class BenchClient {
     args.SetMaxReceiveMessageSize(-1);
     args.SetMaxSendMessageSize(-1);
     // The sockets the workers' channels would have.
-    ApplySocketTuning(ForTarget(tuning, target), &args);
-    channel_ = grpc::CreateCustomChannel(target,
-                                         grpc::InsecureChannelCredentials(), args);
+    channel_ = CreateTunedChannel(target, grpc::InsecureChannelCredentials(), tuning, args);
     stream_ = std::make_unique<SessionStream>(channel_, &ctx_);
     ClientMessage hello;
     hello.set_request_id(++id_);

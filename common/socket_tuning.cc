@@ -271,6 +271,13 @@ void ApplySocketTuning(const SocketTuning& tuning, grpc::ServerBuilder* builder)
   builder->SetOption(std::make_unique<TuningOption>(tuning));
 }
 
+std::shared_ptr<grpc::Channel> CreateTunedChannel(
+    const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
+    const SocketTuning& tuning, grpc::ChannelArguments args) {
+  ApplySocketTuning(ForTarget(tuning, target), &args);
+  return grpc::CreateCustomChannel(target, credentials, args);
+}
+
 absl::StatusOr<SocketTuning> ResolveSocketTuning(SocketTuning tuning, std::string* no_floor) {
   const absl::Status s = CheckSocketTuning(tuning);
   if (absl::IsUnimplemented(s)) {

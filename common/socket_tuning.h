@@ -21,6 +21,7 @@
 #define TESSERA_COMMON_SOCKET_TUNING_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
@@ -92,6 +93,13 @@ absl::Status CheckSocketTuning(const SocketTuning& tuning);
 // SocketTuningCounts()).
 void ApplySocketTuning(const SocketTuning& tuning, grpc::ChannelArguments* args);
 void ApplySocketTuning(const SocketTuning& tuning, grpc::ServerBuilder* builder);
+
+// A channel to `target` whose sockets carry ForTarget(tuning, target), with
+// `args` for everything else: how every channel of a server or worker is
+// made, so that none keeps the system's 200 ms floor by accident.
+std::shared_ptr<grpc::Channel> CreateTunedChannel(
+    const std::string& target, const std::shared_ptr<grpc::ChannelCredentials>& credentials,
+    const SocketTuning& tuning, grpc::ChannelArguments args = {});
 
 // What the hook did in this process, for tests and diagnostics.
 struct SocketTuningCounts {

@@ -11,9 +11,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "proto/tessera.grpc.pb.h"
-#include "server/apply_pool.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
+#include "server/apply_pool.h"
 
 namespace tessera {
 
@@ -154,9 +154,8 @@ void TesseraServer::JoinLoop(ServerOptions options, uint64_t job_hash) {
     Shutdown(absl::ZeroDuration());
     return;
   }
-  grpc::ChannelArguments args;
-  ApplySocketTuning(ForTarget(options.socket_tuning, options.coordinator_address), &args);
-  auto channel = grpc::CreateCustomChannel(options.coordinator_address, *credentials, args);
+  auto channel =
+      CreateTunedChannel(options.coordinator_address, *credentials, options.socket_tuning);
   auto stub = tessera::v1::CoordinatorService::NewStub(channel);
   tessera::v1::RegisterServerRequest request;
   request.set_shard(options.shard);

@@ -114,11 +114,10 @@ class ShardStream {
     // after a partition whose SYNs were dropped, an attempt begun during
     // the outage would hold off the next one for 20 s after the heal.
     args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 1000);
-    ApplySocketTuning(ForTarget(options.socket_tuning, address_), &args);
-    channel_ = grpc::CreateCustomChannel(
+    channel_ = CreateTunedChannel(
         address_,
         options.credentials != nullptr ? options.credentials : grpc::InsecureChannelCredentials(),
-        args);
+        options.socket_tuning, args);
     const auto deadline = std::chrono::system_clock::now() +
                           absl::ToChronoMilliseconds(options.connect_timeout);
     if (!channel_->WaitForConnected(deadline)) {

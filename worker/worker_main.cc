@@ -204,11 +204,7 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
       tessera::MakeChannelCredentials(tessera::SecurityFilesFromFlags());
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
-  // Tuned like the shards' channels: a heartbeat or registration whose
-  // segment is lost would otherwise wait out the system's 200 ms floor.
-  grpc::ChannelArguments coord_args;
-  tessera::ApplySocketTuning(tessera::ForTarget(*socket_tuning, coordinator), &coord_args);
-  auto coord_channel = grpc::CreateCustomChannel(coordinator, *credentials, coord_args);
+  auto coord_channel = tessera::CreateTunedChannel(coordinator, *credentials, *socket_tuning);
   const auto connect_deadline =
       std::chrono::system_clock::now() +
       std::chrono::seconds(absl::GetFlag(FLAGS_connect_timeout_s));
