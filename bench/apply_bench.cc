@@ -94,6 +94,11 @@ int Main() {
   AlignedBuffer params(n, 0.5f), grad(n, 1e-4f), slot0(n, 0.0f), slot1(n, 0.0f);
   AlignedBuffer src(n, 1.0f), dst(n, 2.0f);
 
+  if (absl::GetFlag(FLAGS_threads) == 0 || absl::GetFlag(FLAGS_threads) < -1) {
+    std::cerr << "apply_bench: --threads=" << absl::GetFlag(FLAGS_threads)
+              << ": must be at least 1 (or -1, the server's default)\n";
+    return 1;
+  }
   const int threads = absl::GetFlag(FLAGS_threads) < 0 ? DefaultApplyThreads()
                                                        : absl::GetFlag(FLAGS_threads);
   ApplyPool pool(threads);

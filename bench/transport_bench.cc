@@ -679,6 +679,11 @@ std::string ProtoCostJson(const Partition& partition) {
 // ---------------------------------------------------------------------------
 
 int Main() {
+  if (absl::GetFlag(FLAGS_apply_threads) < 0) {
+    std::cerr << "transport_bench: --apply_threads=" << absl::GetFlag(FLAGS_apply_threads)
+              << ": must be 0 (the server's default) or more\n";
+    return 1;
+  }
   std::string bin_dir = absl::GetFlag(FLAGS_bin_dir);
   if (bin_dir.empty()) bin_dir = ThisExecutableDir();
   const std::string server_bin = bin_dir + "/tessera-server";
