@@ -64,6 +64,10 @@ TEST(DiagramTest, FlowchartShowsShardsWorkersAndTheMode) {
   // The job's quotes are escaped, not closing the label.
   EXPECT_TRUE(absl::StrContains(sync, "unit #34;job#34;")) << sync;
 
+  const std::string backup =
+      MermaidFlowchart(*ClusterFromJob(Job("mode: SYNC backup_workers: 1", 2, 3), "f"));
+  EXPECT_TRUE(absl::StrContains(backup, "waits for the first 2 of 3 workers' step t")) << backup;
+
   const std::string ssp =
       MermaidFlowchart(*ClusterFromJob(Job("mode: SSP staleness: 3", 1, 1), "f"));
   EXPECT_TRUE(absl::StrContains(ssp, "ssp staleness 3")) << ssp;

@@ -69,6 +69,10 @@ ABSL_FLAG(std::optional<std::string>, mode, std::nullopt,
           "Override job.consistency.mode: sync, async or ssp.");
 ABSL_FLAG(std::optional<int32_t>, staleness, std::nullopt,
           "Override job.consistency.staleness (ssp).");
+ABSL_FLAG(std::optional<int32_t>, backup_workers, std::nullopt,
+          "Override job.consistency.backup_workers (sync: a step applies once "
+          "num_workers - backup_workers gradients arrived; later ones are dropped "
+          "and counted as late).");
 ABSL_FLAG(std::optional<double>, learning_rate, std::nullopt,
           "Override job.optimizer.learning_rate.");
 ABSL_FLAG(std::optional<uint64_t>, seed, std::nullopt, "Override job.seed.");
@@ -174,6 +178,7 @@ JobOverrides JobOverridesFromFlags() {
   o.num_shards = absl::GetFlag(FLAGS_num_shards);
   o.mode = absl::GetFlag(FLAGS_mode);
   o.staleness = absl::GetFlag(FLAGS_staleness);
+  o.backup_workers = absl::GetFlag(FLAGS_backup_workers);
   o.learning_rate = absl::GetFlag(FLAGS_learning_rate);
   o.seed = absl::GetFlag(FLAGS_seed);
   o.max_steps = absl::GetFlag(FLAGS_max_steps);
@@ -242,6 +247,7 @@ std::vector<std::string> ForwardedJobFlags() {
   Forward(FLAGS_num_shards, "num_shards", &out);
   Forward(FLAGS_mode, "mode", &out);
   Forward(FLAGS_staleness, "staleness", &out);
+  Forward(FLAGS_backup_workers, "backup_workers", &out);
   Forward(FLAGS_learning_rate, "learning_rate", &out);
   Forward(FLAGS_seed, "seed", &out);
   Forward(FLAGS_max_steps, "max_steps", &out);

@@ -127,6 +127,7 @@ absl::Status ApplyOverrides(const JobOverrides& o, JobSpec* job) {
   if (o.num_workers) job->set_num_workers(*o.num_workers);
   if (o.num_shards) job->set_num_shards(*o.num_shards);
   if (o.staleness) job->mutable_consistency()->set_staleness(*o.staleness);
+  if (o.backup_workers) job->mutable_consistency()->set_backup_workers(*o.backup_workers);
   if (o.learning_rate) job->mutable_optimizer()->set_learning_rate(*o.learning_rate);
   if (o.seed) job->set_seed(*o.seed);
   if (o.max_steps) job->set_max_steps(*o.max_steps);
@@ -225,6 +226,20 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   }
   if (c->staleness() < 0) {
     return FieldError("consistency.staleness", "must not be negative");
+  }
+  if (c->backup_workers() < 0) {
+    return FieldError("consistency.backup_workers",
+                      absl::StrCat("must not be negative, got ", c->backup_workers()));
+  }
+  if (c->backup_workers() > 0 && c->mode() != tessera::v1::SYNC) {
+    return FieldError("consistency.backup_workers",
+                      absl::StrCat("only synchronous steps wait for workers: needs mode SYNC, got ",
+                                   tessera::v1::ConsistencyMode_Name(c->mode())));
+  }
+  if (c->backup_workers() > 0 && c->backup_workers() >= job->num_workers()) {
+    return FieldError("consistency.backup_workers",
+                      absl::StrCat("must be less than num_workers (", job->num_workers(),
+                                   "), got ", c->backup_workers()));
   }
   if (c->barrier_timeout_ms() == 0) c->set_barrier_timeout_ms(kDefaultBarrierTimeoutMs);
   if (c->barrier_timeout_ms() < 0) {

@@ -22,6 +22,7 @@ struct JobOverrides {
   std::optional<int32_t> num_shards;
   std::optional<std::string> mode;  // "sync", "async" or "ssp"
   std::optional<int32_t> staleness;
+  std::optional<int32_t> backup_workers;
   std::optional<double> learning_rate;
   std::optional<uint64_t> seed;
   std::optional<int64_t> max_steps;

@@ -202,6 +202,23 @@ TEST(ValidateJobSpecTest, ErrorsNameTheField) {
          j->mutable_consistency()->set_staleness(-1);
        },
        "job.consistency.staleness:"},
+      {"negative backup_workers",
+       [](JobSpec* j) { j->mutable_consistency()->set_backup_workers(-1); },
+       "job.consistency.backup_workers: must not be negative, got -1"},
+      {"backup_workers with ASYNC",
+       [](JobSpec* j) {
+         j->set_num_workers(3);
+         j->mutable_consistency()->set_mode(tessera::v1::ASYNC);
+         j->mutable_consistency()->set_backup_workers(1);
+       },
+       "job.consistency.backup_workers: only synchronous steps wait for workers: needs mode "
+       "SYNC, got ASYNC"},
+      {"as many backup workers as workers",
+       [](JobSpec* j) {
+         j->set_num_workers(2);
+         j->mutable_consistency()->set_backup_workers(2);
+       },
+       "job.consistency.backup_workers: must be less than num_workers (2), got 2"},
       {"negative barrier timeout",
        [](JobSpec* j) { j->mutable_consistency()->set_barrier_timeout_ms(-5); },
        "job.consistency.barrier_timeout_ms:"},
@@ -423,6 +440,14 @@ TEST(ApplyOverridesTest, EachOverrideAlone) {
   {
     JobSpec job = SyntheticJob();
     JobOverrides o;
+    o.backup_workers = 1;
+    ASSERT_TRUE(ApplyOverrides(o, &job).ok());
+    EXPECT_EQ(job.consistency().backup_workers(), 1);
+    EXPECT_EQ(job.consistency().staleness(), 0);
+  }
+  {
+    JobSpec job = SyntheticJob();
+    JobOverrides o;
     o.seed = 0;
     ASSERT_TRUE(ApplyOverrides(o, &job).ok());
     EXPECT_EQ(job.seed(), 0u);
@@ -597,6 +622,7 @@ TEST(JobHashTest, DiffersWhenAnyFieldDiffers) {
       [](JobSpec* j) { j->mutable_optimizer()->set_weight_decay(1e-4); },
       [](JobSpec* j) { j->mutable_consistency()->set_mode(tessera::v1::SSP); },
       [](JobSpec* j) { j->mutable_consistency()->set_staleness(1); },
+      [](JobSpec* j) { j->mutable_consistency()->set_backup_workers(1); },
       [](JobSpec* j) { j->mutable_data()->set_num_samples(1001); },
       [](JobSpec* j) { j->mutable_data()->set_validation_fraction(0.25); },
   };

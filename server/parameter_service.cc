@@ -227,7 +227,10 @@ grpc::Status ParameterServiceImpl::Session(
         absl::StatusOr<PushOutcome> outcome =
             store_->Push(worker, incarnation, req.push(), payloads);
         if (metrics_ != nullptr) {
-          metrics_->Push(!outcome.ok() ? "rejected" : outcome->applied ? "applied" : "duplicate",
+          metrics_->Push(!outcome.ok()       ? "rejected"
+                         : outcome->applied ? "applied"
+                         : outcome->late    ? "late"
+                                            : "duplicate",
                          absl::ToDoubleSeconds(absl::Now() - start),
                          PayloadBytes(payloads),
                          outcome.ok() ? outcome->staleness : 0);
@@ -300,6 +303,7 @@ grpc::Status ParameterServiceImpl::ShardStats(
   response->set_version(s.version);
   response->set_pushes_applied(s.pushes_applied);
   response->set_pushes_duplicate(s.pushes_duplicate);
+  response->set_pushes_late(s.pushes_late);
   response->set_requests_rejected(s.requests_rejected);
   response->set_nonfinite_rejected(s.nonfinite_rejected);
   response->set_param_sum(store_->ParamSum());

@@ -88,6 +88,7 @@ ServiceMetrics::ServiceMetrics(prometheus::Registry& registry, int shard)
                   .Register(registry)),
       applied_(pushes_.Add({{"shard", absl::StrCat(shard)}, {"outcome", "applied"}})),
       duplicate_(pushes_.Add({{"shard", absl::StrCat(shard)}, {"outcome", "duplicate"}})),
+      late_(pushes_.Add({{"shard", absl::StrCat(shard)}, {"outcome", "late"}})),
       rejected_(pushes_.Add({{"shard", absl::StrCat(shard)}, {"outcome", "rejected"}})),
       pulls_(prometheus::BuildCounter()
                  .Name("tessera_pulls_total")
@@ -125,7 +126,11 @@ ServiceMetrics::ServiceMetrics(prometheus::Registry& registry, int shard)
 
 void ServiceMetrics::Push(const std::string& outcome, double seconds, double bytes,
                           int64_t staleness) {
-  (outcome == "applied" ? applied_ : outcome == "duplicate" ? duplicate_ : rejected_).Increment();
+  (outcome == "applied"     ? applied_
+   : outcome == "duplicate" ? duplicate_
+   : outcome == "late"      ? late_
+                            : rejected_)
+      .Increment();
   push_seconds_.Observe(seconds);
   bytes_in_.Increment(bytes);
   if (outcome == "applied") staleness_.Observe(static_cast<double>(staleness));

@@ -25,7 +25,7 @@ class ServiceMetrics {
   ServiceMetrics(prometheus::Registry& registry, int shard);
 
   // A push was handled in `seconds` with `bytes` of payload; `outcome` is
-  // "applied", "duplicate" or "rejected".
+  // "applied", "duplicate", "late" or "rejected".
   void Push(const std::string& outcome, double seconds, double bytes, int64_t staleness);
   // A pull (or the pull half of a push) waited `wait_seconds` for the
   // consistency rule and sent `bytes`.
@@ -35,6 +35,7 @@ class ServiceMetrics {
   prometheus::Family<prometheus::Counter>& pushes_;
   prometheus::Counter& applied_;
   prometheus::Counter& duplicate_;
+  prometheus::Counter& late_;
   prometheus::Counter& rejected_;
   prometheus::Counter& pulls_;
   prometheus::Counter& bytes_in_;

@@ -82,6 +82,7 @@ ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
       shard_(shard),
       mode_(job.consistency().mode()),
       wire_dtype_(IsWireDType(job.wire_dtype()) ? job.wire_dtype() : tessera::v1::F32),
+      quorum_(std::max(1, job.num_workers() - std::max(0, job.consistency().backup_workers()))),
       partition_(std::move(partition)),
       optimizer_(std::move(optimizer)),
       workers_(job.num_workers()) {
@@ -268,6 +269,7 @@ void ShardStore::Disconnect(int worker, int64_t incarnation) {
 
 bool ShardStore::StepCompleteLocked() const {
   if (applying_ || accumulating_ > 0 || contributed_.empty()) return false;
+  if (static_cast<int>(contributed_.size()) >= quorum_) return true;  // backup workers
   for (int i = 0; i < static_cast<int>(workers_.size()); ++i) {
     if (workers_[i].live && !contributed_.contains(i)) return false;
   }
@@ -342,8 +344,8 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
     if (mode_ == tessera::v1::SYNC) {
       if (step < step_ || (step == step_ && applying_)) {
         w.last_step = step;
-        ++counters_.pushes_duplicate;
-        return PushOutcome{false, absl::StrCat("step ", step, " is closed")};
+        ++counters_.pushes_late;
+        return PushOutcome{.detail = absl::StrCat("step ", step, " is closed"), .late = true};
       }
       // A worker pushes step s only after this shard returned parameters of
       // step s, so a push ahead of step_ means the shard lost steps that
@@ -372,6 +374,15 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
         return absl::FailedPreconditionError(
             absl::StrCat("push for step ", step, " but shard ", shard_,
                          " is at step ", step_, "; pull first"));
+      }
+      if (static_cast<int>(contributed_.size()) >= quorum_) {
+        // Backup workers: the step already has its gradients and is being
+        // summed; this one is dropped as if it had come after the apply.
+        w.last_step = step;
+        ++counters_.pushes_late;
+        return PushOutcome{.detail = absl::StrCat("step ", step, " already has the ", quorum_,
+                                                  " gradients it applies"),
+                           .late = true};
       }
       contributed_.insert(worker);
       ++accumulating_;

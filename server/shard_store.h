@@ -40,13 +40,17 @@ struct PushOutcome {
   // SYNC: steps this push skipped the shard ahead by (a restarted shard
   // catching up with its workers; those updates are lost on this shard).
   int64_t fast_forwarded = 0;
+  // Not applied because its step closed without it (SYNC: backup workers,
+  // or a worker rejoining after the others went on).
+  bool late = false;
 };
 
 // Counters, for ShardStats and tests.
 struct StoreStats {
   int64_t version = 0;
   int64_t pushes_applied = 0;
-  int64_t pushes_duplicate = 0;
+  int64_t pushes_duplicate = 0;  // repeats of a push already taken
+  int64_t pushes_late = 0;       // SYNC: for a step that closed without them
   int64_t requests_rejected = 0;
   int64_t nonfinite_rejected = 0;
   int live_workers = 0;
@@ -180,8 +184,9 @@ class ShardStore {
   absl::Status Validate(const tessera::v1::PushRequest& request,
                         absl::Span<const absl::string_view> payloads,
                         bool* nonfinite) const;
-  // SYNC: true when every live worker has contributed to the open step and
-  // no accumulation is still running; the caller must then run ApplyStep.
+  // SYNC: true when every live worker, or quorum_ workers, have contributed
+  // to the open step and no accumulation is still running; the caller must
+  // then run ApplyStep.
   bool StepCompleteLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Applies the step and bumps the step counter; the applying thread calls
   // it once StepCompleteLocked() said so (with applying_ set).
@@ -206,6 +211,8 @@ class ShardStore {
   const int shard_;
   const tessera::v1::ConsistencyMode mode_;
   const tessera::v1::DType wire_dtype_;  // of pulled parameters
+  // SYNC: gradients that close a step (num_workers - backup_workers).
+  const int quorum_;
   const Partition partition_;
   const std::unique_ptr<Optimizer> optimizer_;
   // Indexed by block id; null for blocks of other shards.

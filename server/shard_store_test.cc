@@ -194,7 +194,103 @@ TEST(ShardStoreTest, DepartedWorkerLeavesTheBarrier) {
   auto late = (*store)->Push(1, 1, FullPush(**store, 0, 100.0f));
   ASSERT_TRUE(late.ok());
   EXPECT_FALSE(late->applied);
+  EXPECT_TRUE(late->late);
   ExpectShifted(after_first, AllParams(**store), 1.0f);
+  EXPECT_EQ((*store)->stats().pushes_late, 1);
+  EXPECT_EQ((*store)->stats().pushes_duplicate, 0);
+}
+
+// Backup workers (3 workers, 1 backup): a step applies the mean of the
+// first two gradients; the third is acknowledged without effect and counted
+// as late, and its resend as a duplicate.
+TEST(ShardStoreTest, BackupWorkersCloseAStepWithTheFirstGradients) {
+  JobSpec job = ExactSumJob(tessera::v1::SYNC, 3);
+  job.mutable_consistency()->set_backup_workers(1);
+  ASSERT_TRUE(ValidateJobSpec(&job).ok());
+  auto store = ShardStore::Create(job, 0);
+  ASSERT_TRUE(store.ok());
+  for (int w = 0; w < 3; ++w) ASSERT_TRUE((*store)->Connect(w, 1).ok());
+  const std::vector<float> before = AllParams(**store);
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 0);  // one of the two it needs
+  auto second = (*store)->Push(2, 1, FullPush(**store, 0, 3.0f));
+  ASSERT_TRUE(second.ok());
+  EXPECT_TRUE(second->applied);
+  EXPECT_EQ((*store)->stats().version, 1);
+  ExpectShifted(before, AllParams(**store), 2.0f);  // (1 + 3) / 2
+  tessera::v1::PullResult pull;
+  EXPECT_TRUE((*store)->Pull(1, absl::ZeroDuration(), &pull).ok());
+
+  const std::vector<float> after_first = AllParams(**store);
+  auto straggler = (*store)->Push(1, 1, FullPush(**store, 0, 100.0f));
+  ASSERT_TRUE(straggler.ok());
+  EXPECT_FALSE(straggler->applied);
+  EXPECT_TRUE(straggler->late);
+  auto resend = (*store)->Push(1, 1, FullPush(**store, 0, 100.0f));
+  ASSERT_TRUE(resend.ok());
+  EXPECT_FALSE(resend->applied);
+  EXPECT_FALSE(resend->late);
+  EXPECT_EQ(AllParams(**store), after_first);
+  StoreStats stats = (*store)->stats();
+  EXPECT_EQ(stats.pushes_applied, 2);
+  EXPECT_EQ(stats.pushes_late, 1);
+  EXPECT_EQ(stats.pushes_duplicate, 1);
+
+  // The straggler takes part in the next step like anyone else.
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 1, 5.0f)).ok());
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 1, 7.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 2);
+  ExpectShifted(after_first, AllParams(**store), 6.0f);
+
+  // With fewer live workers than the quorum, every live one closes a step.
+  (*store)->Disconnect(1, 1);
+  (*store)->Disconnect(2, 1);
+  const std::vector<float> after_second = AllParams(**store);
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 2, 4.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 3);
+  ExpectShifted(after_second, AllParams(**store), 4.0f);
+}
+
+// Pushes racing for the last place of a step: each step takes exactly the
+// quorum's gradients, never one more, however the pushes interleave.
+TEST(ShardStoreTest, BackupWorkersTakeExactlyTheQuorumUnderConcurrency) {
+  constexpr int kWorkers = 4;
+  constexpr int kSteps = 200;
+  JobSpec job = ExactSumJob(tessera::v1::SYNC, kWorkers);
+  job.mutable_consistency()->set_backup_workers(2);
+  ASSERT_TRUE(ValidateJobSpec(&job).ok());
+  auto store = ShardStore::Create(job, 0);
+  ASSERT_TRUE(store.ok());
+  for (int w = 0; w < kWorkers; ++w) ASSERT_TRUE((*store)->Connect(w, 1).ok());
+  const std::vector<float> before = AllParams(**store);
+  std::atomic<int> late{0};
+  std::vector<std::thread> workers;
+  for (int w = 0; w < kWorkers; ++w) {
+    workers.emplace_back([&, w] {
+      for (int64_t step = 0; step < kSteps; ++step) {
+        tessera::v1::PullResult pull;
+        ASSERT_TRUE((*store)->Pull(step, absl::Seconds(30), &pull).ok());
+        // A worker whose push came late continues from the newer step.
+        if (pull.version() > step) step = pull.version();
+        if (step >= kSteps) break;
+        auto outcome = (*store)->Push(w, 1, FullPush(**store, step, 1.0f));
+        ASSERT_TRUE(outcome.ok()) << outcome.status();
+        if (outcome->late) late.fetch_add(1);
+      }
+    });
+  }
+  for (std::thread& t : workers) t.join();
+  const StoreStats stats = (*store)->stats();
+  EXPECT_EQ(stats.version, kSteps);
+  EXPECT_EQ(stats.pushes_applied, 2 * kSteps);
+  EXPECT_EQ(stats.pushes_late, late.load());
+  EXPECT_EQ(stats.pushes_duplicate, 0);
+  // Each step lowers every parameter by the mean gradient, exactly 1.
+  std::vector<float> expected = before;
+  for (int step = 0; step < kSteps; ++step) {
+    for (float& v : expected) v -= 1.0f;
+  }
+  EXPECT_EQ(AllParams(**store), expected);
 }
 
 // The end of a stream the worker already abandoned, handled just before its
