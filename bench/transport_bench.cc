@@ -58,6 +58,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/allocator.h"
+#include "common/protocol.h"
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
@@ -219,6 +220,7 @@ class NoopService final : public tessera::v1::ParameterService::Service {
     ServerMessage hello_reply;
     if (!stream->Read(&request)) return grpc::Status::OK;
     hello_reply.set_request_id(request.request_id());
+    hello_reply.set_protocol_version(kSessionProtocolVersion);
     bool ok = stream->Write(hello_reply);
     while (ok && stream->Read(&request)) {
       if (request.has_pull()) {
@@ -343,6 +345,7 @@ class BenchClient {
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
     hello.mutable_hello()->set_reply_part_bytes(absl::GetFlag(FLAGS_stream_part_bytes));
+    hello.mutable_hello()->set_protocol_version(kSessionProtocolVersion);
     if (shared_memory) {
       const uint64_t bytes =
           SharedAreaBytes(partition.shard_bytes(0), partition.shard_blocks(0).size());

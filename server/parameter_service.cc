@@ -128,6 +128,14 @@ grpc::Status ParameterServiceImpl::Session(
                         "the first message on a Session must be a Hello (and only a Hello)");
   }
   const tessera::v1::Hello hello = request.hello();
+  if (hello.protocol_version() != kSessionProtocolVersion) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrCat("worker ", hello.worker_id(), " speaks session protocol ",
+                     hello.protocol_version(), " but shard ", store_->shard(), " speaks ",
+                     kSessionProtocolVersion,
+                     ": run the same Tessera release on every server and worker"));
+  }
   if (hello.job_hash() != job_hash_) {
     return grpc::Status(
         grpc::StatusCode::FAILED_PRECONDITION,
@@ -190,7 +198,9 @@ grpc::Status ParameterServiceImpl::Session(
   reply.set_worker_clock(store_->WorkerClock(worker));
   reply.set_shm_accepted(region != nullptr);
   reply.set_shm_detail(shm_detail);
+  reply.set_protocol_version(kSessionProtocolVersion);
   bool ok = stream->Write(reply);
+  reply.clear_protocol_version();
   reply.clear_worker_clock();
   reply.clear_shm_accepted();
   reply.clear_shm_detail();

@@ -21,6 +21,7 @@
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
+#include "common/protocol.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
 #include "proto/tessera.grpc.pb.h"
@@ -118,6 +119,7 @@ class LoadTest : public ::testing::Test {
     hello.mutable_hello()->set_worker_id(worker);
     hello.mutable_hello()->set_incarnation(1);
     hello.mutable_hello()->set_job_hash(hash_);
+    hello.mutable_hello()->set_protocol_version(kSessionProtocolVersion);
     ServerMessage reply;
     if (s->rw->Write(hello) && s->rw->Read(&reply) && reply.code() == 0) return s;
     s->rw->WritesDone();

@@ -16,6 +16,7 @@
 #include "common/job_spec.h"
 #include "common/model_spec.h"
 #include "common/partition.h"
+#include "common/protocol.h"
 #include "common/shared_region.h"
 #include "common/tensor_codec.h"
 #include "gtest/gtest.h"
@@ -108,7 +109,7 @@ class Session {
   // With `region`, the Hello offers it (the nonce may be overridden).
   Session(tessera::v1::ParameterService::Stub* stub, uint64_t job_hash, int64_t incarnation,
           const SharedRegion* region = nullptr, const std::string* nonce = nullptr,
-          int64_t reply_part_bytes = 0) {
+          int64_t reply_part_bytes = 0, uint32_t protocol_version = kSessionProtocolVersion) {
     ctx_.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     stream_ = stub->Session(&ctx_);
     ClientMessage hello;
@@ -117,6 +118,7 @@ class Session {
     hello.mutable_hello()->set_job_hash(job_hash);
     hello.mutable_hello()->set_shard(0);
     hello.mutable_hello()->set_reply_part_bytes(reply_part_bytes);
+    hello.mutable_hello()->set_protocol_version(protocol_version);
     if (region != nullptr) {
       hello.mutable_hello()->set_shm_name(region->name());
       hello.mutable_hello()->set_shm_size(region->size());
@@ -447,6 +449,70 @@ TEST_F(ServerProcessTest, WrongJobHashIsRefused) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_NE(s.error_message().find("different job"), std::string::npos) << s.error_message();
   EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+}
+
+TEST_F(ServerProcessTest, HelloOfAnotherProtocolVersionIsRefused) {
+  const double before = Stats().param_sum();
+  {
+    Session current(stub_.get(), JobHash(job_), 1);
+    ASSERT_TRUE(current.hello_ok());
+    EXPECT_EQ(current.hello_reply().protocol_version(), kSessionProtocolVersion);
+  }
+  // 0: a worker from before versions were sent.
+  for (uint32_t version : {0u, kSessionProtocolVersion + 1}) {
+    Session session(stub_.get(), JobHash(job_), 1, nullptr, nullptr, 0, version);
+    grpc::Status s = session.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << version;
+    EXPECT_NE(s.error_message().find(absl::StrCat("worker 0 speaks session protocol ", version,
+                                                  " but shard 0 speaks ",
+                                                  kSessionProtocolVersion)),
+              std::string::npos)
+        << s.error_message();
+  }
+  EXPECT_DOUBLE_EQ(Stats().param_sum(), before);
+}
+
+// A server of a release before protocol versions: answers a Hello without
+// one, then reads whatever follows.
+class UnversionedService final : public tessera::v1::ParameterService::Service {
+ public:
+  grpc::Status Session(grpc::ServerContext* context,
+                       grpc::ServerReaderWriter<ServerMessage, ClientMessage>* stream) override {
+    ClientMessage request;
+    if (!stream->Read(&request)) return grpc::Status::OK;
+    ServerMessage reply;
+    reply.set_request_id(request.request_id());
+    if (!stream->Write(reply)) return grpc::Status::OK;
+    while (stream->Read(&request)) {
+    }
+    return grpc::Status::OK;
+  }
+};
+
+TEST_F(ServerProcessTest, WorkerRefusesAServerOfAnotherProtocolVersion) {
+  UnversionedService service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> old_server = builder.BuildAndStart();
+  ASSERT_NE(old_server, nullptr);
+  ASSERT_GT(port, 0);
+  GrpcClientOptions options;
+  options.servers = {absl::StrCat("127.0.0.1:", port)};
+  options.worker_id = 0;
+  options.incarnation = 1;
+  options.job_hash = JobHash(job_);
+  options.connect_timeout = absl::Seconds(10);
+  options.shared_memory = false;
+  auto client = CreateGrpcParameterClient(*partition_, options);
+  ASSERT_FALSE(client.ok());
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kFailedPrecondition) << client.status();
+  EXPECT_TRUE(absl::StrContains(client.status().message(),
+                                absl::StrCat("speaks session protocol 0 but this worker speaks ",
+                                             kSessionProtocolVersion)))
+      << client.status();
+  old_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 }
 
 TEST_F(ServerProcessTest, OversizedMessageIsResourceExhausted) {

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/grpc_status.h"
+#include "common/protocol.h"
 #include "common/session_stream.h"
 #include "common/shared_region.h"
 #include "common/status_macros.h"
@@ -322,6 +323,7 @@ class ShardStream {
     h->set_job_hash(options_.job_hash);
     h->set_shard(shard_);
     h->set_reply_part_bytes(options_.part_bytes);
+    h->set_protocol_version(kSessionProtocolVersion);
     // Every stream gets a region of its own: after a reconnect the old
     // server session may still hold the previous one.
     std::unique_ptr<SharedRegion> offered;
@@ -339,6 +341,12 @@ class ShardStream {
       }
     }
     TESSERA_RETURN_IF_ERROR(Exchange(&hello));
+    if (reply_.protocol_version() != kSessionProtocolVersion) {
+      // The region offered above is removed with `offered`.
+      return absl::FailedPreconditionError(absl::StrCat(
+          Where(), " speaks session protocol ", reply_.protocol_version(), " but this worker speaks ",
+          kSessionProtocolVersion, ": run the same Tessera release on every server and worker"));
+    }
     worker_clock_ = reply_.worker_clock();
     if (offered != nullptr) {
       if (reply_.shm_accepted()) {

@@ -68,6 +68,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
+# The Session protocol this client speaks: kSessionProtocolVersion in common/protocol.h.
+SESSION_PROTOCOL_VERSION = 1
 RETRYABLE_CODES = {1, 4, 10, 14}  # CANCELLED, DEADLINE_EXCEEDED, ABORTED, UNAVAILABLE
 
 
@@ -225,7 +227,9 @@ def main():
 
     streams = []
     for s, address in enumerate(servers):
-        hello = pb.Hello(worker_id=args.worker, incarnation=reg.incarnation, job_hash=h, shard=s)
+        # protocol_version: kSessionProtocolVersion in common/protocol.h.
+        hello = pb.Hello(worker_id=args.worker, incarnation=reg.incarnation, job_hash=h, shard=s,
+                         protocol_version=SESSION_PROTOCOL_VERSION)
         streams.append(ShardStream(pb, address, s, hello, stats))
 
     # Learn each shard's blocks from a pull.
