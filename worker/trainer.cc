@@ -210,6 +210,10 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
                                    ParameterClient* client,
                                    const TrainerOptions& options) {
   const int workers = job.num_workers();
+  // Workers whose gradients a step applies: with backup workers a
+  // synchronous step takes the first num_workers - backup_workers, so
+  // samples/s counts only those samples.
+  const int applied_workers = workers - job.consistency().backup_workers();
   const int batch = job.batch_size();
   TESSERA_ASSIGN_OR_RETURN(const int64_t steps_per_epoch,
                            StepsPerEpoch(job, train.rows));
@@ -318,7 +322,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       summary.duplicate_acks += exchanged.not_applied;
     }
     ++summary.steps;
-    samples_seen += static_cast<int64_t>(batch) * workers;
+    samples_seen += static_cast<int64_t>(batch) * applied_workers;
     loss_sum += loss;
     ++loss_count;
     const double mean_loss = loss_sum / loss_count;
@@ -350,7 +354,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     stats.seconds = absl::ToDoubleSeconds(absl::Now() - epoch_start);
     stats.train_loss = mean_loss;
     stats.samples_per_sec =
-        stats.seconds > 0 ? loss_count * static_cast<double>(batch) * workers / stats.seconds
+        stats.seconds > 0 ? loss_count * static_cast<double>(batch) * applied_workers / stats.seconds
                           : 0;
     if (options.evaluate) {
       TESSERA_ASSIGN_OR_RETURN(EvalResult r,

@@ -53,7 +53,7 @@ struct EpochStats {
   double train_loss = 0;
   double val_loss = 0;
   double val_accuracy = 0;  // classification only
-  double samples_per_sec = 0;  // all workers together
+  double samples_per_sec = 0;  // all workers together (with backup workers: the samples steps applied)
 };
 
 struct TrainSummary {
@@ -66,7 +66,7 @@ struct TrainSummary {
   int64_t skipped_steps = 0;  // SYNC: steps the others finished while we were cut off
   int64_t first_step = 0;     // where this run began (a rejoining worker's resume point)
   double wall_seconds = 0;
-  double samples_per_sec = 0;  // all workers, whole run
+  double samples_per_sec = 0;  // all workers, whole run (as above)
   double test_loss = 0;
   double test_accuracy = 0;
   bool classification = false;
