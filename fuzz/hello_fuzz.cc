@@ -11,9 +11,16 @@
 //   Push(w, i) (valid): the same id and incarnation rules as Connect (a
 //                  push opens no stream), after which w is live whatever
 //                  the step.
+// SYNC runs with 0, 1 or 2 backup workers (a step closes with the first
+// num_workers - backup_workers gradients): the gradients taken into the open
+// step are counted from the outcomes (applied without the version moving:
+// one more; the version moving: the step closed, or a fast-forward opened a
+// new one with this push in it), and a step holding that many must have
+// closed. Only SYNC reports late pushes.
 // Invariants: every status matches the model, live_workers equals the
 // model's count (so always within [0, num_workers]), the version never goes
-// back, parameters stay finite, and a snapshot at the end does not wait.
+// back, an open step holds fewer gradients than close it, parameters stay
+// finite, and a snapshot at the end does not wait.
 
 #include <fuzzer/FuzzedDataProvider.h>
 
@@ -71,8 +78,13 @@ tessera::v1::PushRequest FullPush(const ShardStore& store, int64_t step, float v
 void Run(FuzzedDataProvider& in) {
   const tessera::v1::ConsistencyMode mode =
       in.PickValueInArray({tessera::v1::SYNC, tessera::v1::ASYNC, tessera::v1::SSP});
-  absl::StatusOr<std::unique_ptr<ShardStore>> created =
-      ShardStore::Create(SmallJob(mode, kNumWorkers), kShard);
+  tessera::v1::JobSpec job = SmallJob(mode, kNumWorkers);
+  const int backup =
+      mode == tessera::v1::SYNC ? in.ConsumeIntegralInRange<int>(0, kNumWorkers - 1) : 0;
+  job.mutable_consistency()->set_backup_workers(backup);
+  const int quorum = kNumWorkers - backup;
+  int open_step_gradients = 0;  // SYNC: taken into the step in progress
+  absl::StatusOr<std::unique_ptr<ShardStore>> created = ShardStore::Create(job, kShard);
   if (!created.ok()) Fail(std::string(created.status().message()));
   ShardStore& store = **created;
   std::vector<ModelWorker> model(kNumWorkers);
@@ -104,7 +116,9 @@ void Run(FuzzedDataProvider& in) {
       }
       case 1: {  // the stream ends
         what = absl::StrCat("Disconnect(", worker, ", ", incarnation, ")");
+        const int64_t version_before = store.stats().version;
         store.Disconnect(worker, incarnation);
+        if (store.stats().version != version_before) open_step_gradients = 0;
         if (in_range && model[worker].incarnation == incarnation) {
           ModelWorker& w = model[worker];
           w.streams = std::max(0, w.streams - 1);
@@ -116,6 +130,7 @@ void Run(FuzzedDataProvider& in) {
         const int64_t step = in.ConsumeIntegralInRange<int64_t>(0, 6);
         what = absl::StrCat("Push(", worker, ", ", incarnation, ", step ", step, ")");
         const double before = store.ParamSum();
+        const int64_t version_before = store.stats().version;
         const absl::StatusOr<PushOutcome> r =
             store.Push(worker, incarnation, FullPush(store, step, 0.25f));
         if (!in_range) {
@@ -135,6 +150,20 @@ void Run(FuzzedDataProvider& in) {
         if (!r.ok()) {
           Check(store.ParamSum() == before, absl::StrCat(what, " was refused but changed the "
                                                          "parameters"));
+        } else {
+          Check(!r->late || (mode == tessera::v1::SYNC && !r->applied),
+                absl::StrCat(what, " was late in ", tessera::v1::ConsistencyMode_Name(mode),
+                             " or late and applied"));
+          const int64_t moved = store.stats().version - version_before;
+          if (mode == tessera::v1::SYNC && r->applied) {
+            if (moved == 0) {
+              ++open_step_gradients;
+            } else if (r->fast_forwarded > 0 && moved == r->fast_forwarded) {
+              open_step_gradients = 1;  // the first gradient of the step it jumped to
+            } else {
+              open_step_gradients = 0;  // this push closed the step
+            }
+          }
         }
         break;
       }
@@ -157,6 +186,12 @@ void Run(FuzzedDataProvider& in) {
                                                    ", expected ", live, " after ", what));
     Check(stats.version >= last_version,
           absl::StrCat("version went back from ", last_version, " to ", stats.version));
+    Check(open_step_gradients < quorum,
+          absl::StrCat("the open step holds ", open_step_gradients, " gradients but ", quorum,
+                       " close it (", backup, " backup workers) after ", what));
+    Check(mode == tessera::v1::SYNC || stats.pushes_late == 0,
+          absl::StrCat(stats.pushes_late, " late pushes in ",
+                       tessera::v1::ConsistencyMode_Name(mode)));
     last_version = stats.version;
     Check(std::isfinite(store.ParamSum()), absl::StrCat("parameters not finite after ", what));
   }

@@ -375,6 +375,14 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
             absl::StrCat("push for step ", step, " but shard ", shard_,
                          " is at step ", step_, "; pull first"));
       }
+      if (contributed_.contains(worker)) {
+        // An earlier incarnation gave this step its gradient before it was
+        // restarted: a step takes one gradient per worker.
+        w.last_step = step;
+        ++counters_.pushes_duplicate;
+        return PushOutcome{.detail = absl::StrCat("step ", step, " already holds a gradient of worker ",
+                                                  worker, " (from an earlier incarnation)")};
+      }
       if (static_cast<int>(contributed_.size()) >= quorum_) {
         // Backup workers: the step already has its gradients and is being
         // summed; this one is dropped as if it had come after the apply.

@@ -200,6 +200,35 @@ TEST(ShardStoreTest, DepartedWorkerLeavesTheBarrier) {
   EXPECT_EQ((*store)->stats().pushes_duplicate, 0);
 }
 
+// A worker restarted in the middle of a synchronous step (new incarnation)
+// computes the same step again: its first incarnation's gradient is already
+// in the step's sum, so the second is acknowledged without effect and the
+// step still averages one gradient per worker.
+TEST(ShardStoreTest, RestartedWorkerDoesNotAddASecondGradientToTheOpenStep) {
+  auto store = ShardStore::Create(ExactSumJob(tessera::v1::SYNC, 2), 0);
+  ASSERT_TRUE(store.ok());
+  ASSERT_TRUE((*store)->Connect(0, 1).ok());
+  ASSERT_TRUE((*store)->Connect(1, 1).ok());
+  const std::vector<float> before = AllParams(**store);
+  ASSERT_TRUE((*store)->Push(0, 1, FullPush(**store, 0, 1.0f)).ok());
+  (*store)->Disconnect(0, 1);  // killed; worker 1 has not pushed yet
+  EXPECT_EQ((*store)->stats().version, 0);
+  ASSERT_TRUE((*store)->Connect(0, 2).ok());
+  auto again = (*store)->Push(0, 2, FullPush(**store, 0, 1.0f));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->applied);
+  EXPECT_FALSE(again->late);
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 0, 3.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 1);
+  ExpectShifted(before, AllParams(**store), 2.0f);  // (1 + 3) / 2, not (1 + 1 + 3) / 2
+  EXPECT_EQ((*store)->stats().pushes_applied, 2);
+  EXPECT_EQ((*store)->stats().pushes_duplicate, 1);
+  // The new incarnation takes part in the next step.
+  ASSERT_TRUE((*store)->Push(0, 2, FullPush(**store, 1, 1.0f)).ok());
+  ASSERT_TRUE((*store)->Push(1, 1, FullPush(**store, 1, 1.0f)).ok());
+  EXPECT_EQ((*store)->stats().version, 2);
+}
+
 // Backup workers (3 workers, 1 backup): a step applies the mean of the
 // first two gradients; the third is acknowledged without effect and counted
 // as late, and its resend as a duplicate.
