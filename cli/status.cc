@@ -76,9 +76,9 @@ std::string RenderStatus(const StatusView& view) {
       "job '%s' at %s: step %d, epoch %d; %d/%d servers, %d/%d workers alive\n\n",
       job.job_name(), view.coordinator, fastest, epoch + 1, job.servers_size(), job.num_shards(),
       alive, job.num_workers());
-  absl::StrAppendFormat(&out, "%-6s %-22s %-8s %-7s %-9s %-5s %-9s %-9s %s\n", "shard",
-                        "address", "version", "blocks", "MiB", "live", "pushes", "rejected",
-                        "last checkpoint");
+  absl::StrAppendFormat(&out, "%-6s %-22s %-8s %-7s %-9s %-5s %-9s %-7s %-9s %s\n", "shard",
+                        "address", "version", "blocks", "MiB", "live", "pushes", "late",
+                        "rejected", "last checkpoint");
   for (size_t i = 0; i < view.shards.size(); ++i) {
     const std::string& address =
         view.shard_addresses[i].empty() ? "(not registered)" : view.shard_addresses[i];
@@ -90,9 +90,10 @@ std::string RenderStatus(const StatusView& view) {
     const std::string checkpoint = s.last_checkpoint_step() < 0
                                        ? "none"
                                        : absl::StrCat("step ", s.last_checkpoint_step());
-    absl::StrAppendFormat(&out, "%-6d %-22s %-8d %-7d %-9.2f %-5d %-9d %-9d %s\n", i, address,
+    absl::StrAppendFormat(&out, "%-6d %-22s %-8d %-7d %-9.2f %-5d %-9d %-7d %-9d %s\n", i, address,
                           s.version(), s.num_blocks(), s.param_bytes() / 1048576.0,
-                          s.live_workers(), s.pushes_applied(), s.requests_rejected(), checkpoint);
+                          s.live_workers(), s.pushes_applied(), s.pushes_late(),
+                          s.requests_rejected(), checkpoint);
   }
   absl::StrAppendFormat(&out, "\n%-7s %-6s %-8s %-6s %-9s %-5s %s\n", "worker", "alive", "step",
                         "epoch", "loss", "lag", "last seen");

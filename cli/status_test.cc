@@ -42,6 +42,7 @@ TEST(StatusTest, RendersShardsWorkersLagAndCheckpoints) {
   stats.set_param_bytes(3 * 1048576);
   stats.set_live_workers(2);
   stats.set_pushes_applied(20);
+  stats.set_pushes_late(4);
   stats.set_requests_rejected(1);
   stats.set_last_checkpoint_step(8);
   view.shards[0] = stats;
@@ -53,6 +54,9 @@ TEST(StatusTest, RendersShardsWorkersLagAndCheckpoints) {
   const std::string shard0 = LineStartingWith(text, "0      10.0.0.1:7070");
   EXPECT_TRUE(absl::StrContains(shard0, "3.00")) << shard0;
   EXPECT_TRUE(absl::StrContains(shard0, "step 8")) << shard0;
+  // Applied, late and rejected pushes, in the columns the header names.
+  EXPECT_TRUE(absl::StrContains(text, "pushes    late    rejected  last checkpoint")) << text;
+  EXPECT_TRUE(absl::StrContains(shard0, "20        4       1         step 8")) << shard0;
   EXPECT_TRUE(absl::StrContains(LineStartingWith(text, "1      "), "(not registered)")) << text;
   EXPECT_TRUE(absl::StrContains(LineStartingWith(text, "1      "), "(no answer)")) << text;
   // Worker 1 trails worker 0 by three steps and is not alive.
