@@ -1,7 +1,8 @@
 // Process faults with the real binaries on 127.0.0.1: a server killed and
 // restarted from its checkpoint, a frozen server, a worker killed inside a
 // synchronous step, a synchronous worker killed and restarted, a frozen
-// worker with a backup worker. Training must finish; nobody may hang.
+// worker with a backup worker, a rerun against finished servers. Training
+// must finish; nobody may hang.
 
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
@@ -261,6 +262,26 @@ TEST_F(FaultTest, SyncWorkerKilledAndRestartedRejoinsAtTheStepInProgress) {
   }
   EXPECT_GT(SummaryNumber(1, "first_step"), 10) << ReadFile(dir_ + "/summary-1.json");
   EXPECT_GE(TestAccuracy(0), 0.75);
+}
+
+// A second run of a finished job against the same servers has nothing left
+// to do: the worker says so instead of silently training zero steps.
+TEST_F(FaultTest, RerunAgainstFinishedServersSaysThereIsNothingLeft) {
+  extra_ = {"--max_steps=20"};
+  StartCluster();
+  for (int r = 0; r < 2; ++r) {
+    std::optional<int> status = workers_[r]->Wait(absl::Seconds(120));
+    ASSERT_TRUE(status.has_value()) << "worker " << r << " hung";
+    ASSERT_EQ(*status, 0) << ReadFile(absl::StrCat(dir_, "/worker-", r, ".log"));
+  }
+  workers_[0] = StartWorker(0);
+  std::optional<int> status = workers_[0]->Wait(absl::Seconds(60));
+  ASSERT_TRUE(status.has_value()) << "the second run hung";
+  EXPECT_EQ(*status, 0);
+  const std::string log = ReadFile(dir_ + "/worker-0.log");
+  EXPECT_TRUE(absl::StrContains(log, "nothing left to train: the servers already hold step 20"))
+      << log;
+  EXPECT_EQ(SummaryNumber(0, "steps"), 0) << ReadFile(dir_ + "/summary-0.json");
 }
 
 // With one backup worker (consistency.backup_workers) a synchronous step

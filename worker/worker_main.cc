@@ -290,6 +290,13 @@ int main(int argc, char** argv) {
                      client->get(), options);
   if (!summary.ok()) return Fail(std::string(summary.status().message()));
   client->reset();  // close the streams: this worker leaves the barrier
+  if (summary->steps == 0 && summary->first_step > 0) {
+    // The servers keep a job's progress while they run, so a second run of
+    // the same job against them finds its steps done.
+    std::cerr << "tessera-worker: nothing left to train: the servers already hold step "
+              << summary->first_step << ", this job's last for rank " << rank
+              << "; start fresh servers (or run another job) for a new run" << std::endl;
+  }
 
   if (options.evaluate) {
     std::cout << "done: " << summary->steps << " steps in "
