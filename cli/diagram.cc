@@ -46,8 +46,8 @@ std::string LoopRule(const ClusterPicture& p) {
     case tessera::v1::SYNC:
       if (p.consistency->backup_workers() > 0) {
         return absl::StrCat("sync barrier: step t+1 waits for the first ",
-                            p.num_workers - p.consistency->backup_workers(), " of ",
-                            p.num_workers, " workers' step t; later ones are dropped");
+                            p.num_workers - p.consistency->backup_workers(), " of ", p.num_workers,
+                            " workers' step t; later ones are dropped");
       }
       return absl::StrCat("sync barrier: step t+1 waits for all ", p.num_workers,
                           " workers' step t");

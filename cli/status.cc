@@ -77,8 +77,8 @@ std::string RenderStatus(const StatusView& view) {
       job.job_name(), view.coordinator, fastest, epoch + 1, job.servers_size(), job.num_shards(),
       alive, job.num_workers());
   absl::StrAppendFormat(&out, "%-6s %-22s %-8s %-7s %-9s %-5s %-9s %-7s %-9s %s\n", "shard",
-                        "address", "version", "blocks", "MiB", "live", "pushes", "late",
-                        "rejected", "last checkpoint");
+                        "address", "version", "blocks", "MiB", "live", "pushes", "late", "rejected",
+                        "last checkpoint");
   for (size_t i = 0; i < view.shards.size(); ++i) {
     const std::string& address =
         view.shard_addresses[i].empty() ? "(not registered)" : view.shard_addresses[i];

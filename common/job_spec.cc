@@ -238,8 +238,8 @@ absl::Status ValidateJobSpec(JobSpec* job) {
   }
   if (c->backup_workers() > 0 && c->backup_workers() >= job->num_workers()) {
     return FieldError("consistency.backup_workers",
-                      absl::StrCat("must be less than num_workers (", job->num_workers(),
-                                   "), got ", c->backup_workers()));
+                      absl::StrCat("must be less than num_workers (", job->num_workers(), "), got ",
+                                   c->backup_workers()));
   }
   if (c->barrier_timeout_ms() == 0) c->set_barrier_timeout_ms(kDefaultBarrierTimeoutMs);
   if (c->barrier_timeout_ms() < 0) {

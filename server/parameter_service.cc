@@ -129,12 +129,11 @@ grpc::Status ParameterServiceImpl::Session(
   }
   const tessera::v1::Hello hello = request.hello();
   if (hello.protocol_version() != kSessionProtocolVersion) {
-    return grpc::Status(
-        grpc::StatusCode::FAILED_PRECONDITION,
-        absl::StrCat("worker ", hello.worker_id(), " speaks session protocol ",
-                     hello.protocol_version(), " but shard ", store_->shard(), " speaks ",
-                     kSessionProtocolVersion,
-                     ": run the same Tessera release on every server and worker"));
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        absl::StrCat("worker ", hello.worker_id(), " speaks session protocol ",
+                                     hello.protocol_version(), " but shard ", store_->shard(),
+                                     " speaks ", kSessionProtocolVersion,
+                                     ": run the same Tessera release on every server and worker"));
   }
   if (hello.job_hash() != job_hash_) {
     return grpc::Status(
@@ -237,12 +236,11 @@ grpc::Status ParameterServiceImpl::Session(
         absl::StatusOr<PushOutcome> outcome =
             store_->Push(worker, incarnation, req.push(), payloads);
         if (metrics_ != nullptr) {
-          metrics_->Push(!outcome.ok()       ? "rejected"
+          metrics_->Push(!outcome.ok()      ? "rejected"
                          : outcome->applied ? "applied"
                          : outcome->late    ? "late"
                                             : "duplicate",
-                         absl::ToDoubleSeconds(absl::Now() - start),
-                         PayloadBytes(payloads),
+                         absl::ToDoubleSeconds(absl::Now() - start), PayloadBytes(payloads),
                          outcome.ok() ? outcome->staleness : 0);
         }
         if (!outcome.ok()) {

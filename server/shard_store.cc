@@ -76,8 +76,8 @@ absl::StatusOr<std::unique_ptr<ShardStore>> ShardStore::Create(
   return store;
 }
 
-ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard,
-                       Partition partition, std::unique_ptr<Optimizer> optimizer)
+ShardStore::ShardStore(const tessera::v1::JobSpec& job, int shard, Partition partition,
+                       std::unique_ptr<Optimizer> optimizer)
     : job_(job),
       shard_(shard),
       mode_(job.consistency().mode()),
@@ -380,8 +380,9 @@ absl::StatusOr<PushOutcome> ShardStore::Push(int worker, int64_t incarnation,
         // restarted: a step takes one gradient per worker.
         w.last_step = step;
         ++counters_.pushes_duplicate;
-        return PushOutcome{.detail = absl::StrCat("step ", step, " already holds a gradient of worker ",
-                                                  worker, " (from an earlier incarnation)")};
+        return PushOutcome{.detail =
+                               absl::StrCat("step ", step, " already holds a gradient of worker ",
+                                            worker, " (from an earlier incarnation)")};
       }
       if (static_cast<int>(contributed_.size()) >= quorum_) {
         // Backup workers: the step already has its gradients and is being

@@ -464,8 +464,7 @@ TEST_F(ServerProcessTest, HelloOfAnotherProtocolVersionIsRefused) {
     grpc::Status s = session.Finish();
     EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << version;
     EXPECT_NE(s.error_message().find(absl::StrCat("worker 0 speaks session protocol ", version,
-                                                  " but shard 0 speaks ",
-                                                  kSessionProtocolVersion)),
+                                                  " but shard 0 speaks ", kSessionProtocolVersion)),
               std::string::npos)
         << s.error_message();
   }
@@ -508,9 +507,9 @@ TEST_F(ServerProcessTest, WorkerRefusesAServerOfAnotherProtocolVersion) {
   auto client = CreateGrpcParameterClient(*partition_, options);
   ASSERT_FALSE(client.ok());
   EXPECT_EQ(client.status().code(), absl::StatusCode::kFailedPrecondition) << client.status();
-  EXPECT_TRUE(absl::StrContains(client.status().message(),
-                                absl::StrCat("speaks session protocol 0 but this worker speaks ",
-                                             kSessionProtocolVersion)))
+  EXPECT_TRUE(absl::StrContains(
+      client.status().message(),
+      absl::StrCat("speaks session protocol 0 but this worker speaks ", kSessionProtocolVersion)))
       << client.status();
   old_server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
 }

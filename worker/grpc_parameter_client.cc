@@ -1,13 +1,13 @@
 #include "worker/grpc_parameter_client.h"
 
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
 #include <iostream>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
@@ -343,9 +343,10 @@ class ShardStream {
     TESSERA_RETURN_IF_ERROR(Exchange(&hello));
     if (reply_.protocol_version() != kSessionProtocolVersion) {
       // The region offered above is removed with `offered`.
-      return absl::FailedPreconditionError(absl::StrCat(
-          Where(), " speaks session protocol ", reply_.protocol_version(), " but this worker speaks ",
-          kSessionProtocolVersion, ": run the same Tessera release on every server and worker"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(Where(), " speaks session protocol ", reply_.protocol_version(),
+                       " but this worker speaks ", kSessionProtocolVersion,
+                       ": run the same Tessera release on every server and worker"));
     }
     worker_clock_ = reply_.worker_clock();
     if (offered != nullptr) {

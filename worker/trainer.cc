@@ -353,9 +353,9 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     EpochStats stats;
     stats.seconds = absl::ToDoubleSeconds(absl::Now() - epoch_start);
     stats.train_loss = mean_loss;
-    stats.samples_per_sec =
-        stats.seconds > 0 ? loss_count * static_cast<double>(batch) * applied_workers / stats.seconds
-                          : 0;
+    stats.samples_per_sec = stats.seconds > 0 ? loss_count * static_cast<double>(batch) *
+                                                    applied_workers / stats.seconds
+                                              : 0;
     if (options.evaluate) {
       TESSERA_ASSIGN_OR_RETURN(EvalResult r,
                                EvaluateDataset(backend, cur_params, test, eval_chunk));

@@ -53,7 +53,9 @@ struct EpochStats {
   double train_loss = 0;
   double val_loss = 0;
   double val_accuracy = 0;  // classification only
-  double samples_per_sec = 0;  // all workers together (with backup workers: the samples steps applied)
+  // All workers together; with backup workers, the samples whose gradients
+  // the steps applied.
+  double samples_per_sec = 0;
 };
 
 struct TrainSummary {
