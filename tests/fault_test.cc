@@ -293,8 +293,15 @@ TEST_F(FaultTest, RerunAgainstFinishedServersSaysThereIsNothingLeft) {
 TEST_F(FaultTest, FrozenWorkerDoesNotHoldUpASyncStepWithABackupWorker) {
   constexpr int kSteps = 150;
   extra_ = {absl::StrCat("--max_steps=", kSteps), "--backup_workers=1"};
-  StartCluster();
+  servers_.push_back(StartServer(0, "server-0.log"));
+  servers_.push_back(StartServer(1, "server-1.log"));
+  // Worker 1 first: one gradient closes a step, so it trains alone until
+  // it is frozen in the middle of the job (not, say, still loading its
+  // data while worker 0 finishes everything).
+  workers_.resize(2);
+  workers_[1] = StartWorker(1);
   ASSERT_TRUE(WaitFor(dir_ + "/server-1.log", "checkpoint at step 10", absl::Seconds(60)));
+  workers_[0] = StartWorker(0);
   workers_[1]->Signal(SIGSTOP);
   std::optional<int> status = workers_[0]->Wait(absl::Seconds(120));
   workers_[1]->Signal(SIGCONT);
