@@ -103,11 +103,12 @@ clean:
 
 # Fault scenarios of tests/chaos/ (RELIABILITY.md figures: partition,
 # random loss, bandwidth cap, exact-sum oracle, server freeze, async worker
-# kill and restart, SIGTERM under load), one after another, each in
+# kill and restart, SIGTERM under load; and a CPU-starved straggler with and
+# without a backup worker), one after another, each in
 # its own network namespaces and bounded in time; prints every scenario's
 # PASS/FAIL lines and a summary. Needs root. CHAOS_SCENARIOS picks a subset.
 CHAOS_SCENARIOS ?= quick_partition partition loss bandwidth exact_sum freeze \
-	async_worker_restart sigterm_under_load
+	async_worker_restart sigterm_under_load straggler
 .PHONY: chaos
 chaos: build
 	@$(MAKE) --no-print-directory deps DEB_PACKAGES="iproute2 iptables python3-grpcio"

@@ -5,7 +5,7 @@
 #
 # Usage: run_all.sh [BIN_DIR [SCENARIO...]]
 #   SCENARIO: quick_partition partition loss bandwidth exact_sum freeze
-#             async_worker_restart sigterm_under_load (default: all)
+#             async_worker_restart sigterm_under_load straggler (default: all)
 # Exit 0 when no scenario failed (skipped ones don't fail the run).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,7 +14,7 @@ bin=${1:-$src/build/bin}
 shift || true
 scenarios=("$@")
 [ ${#scenarios[@]} = 0 ] && scenarios=(quick_partition partition loss bandwidth exact_sum freeze
-  async_worker_restart sigterm_under_load)
+  async_worker_restart sigterm_under_load straggler)
 
 logs=$(mktemp -d /tmp/tessera-chaos-XXXXXX)
 declare -A result secs
