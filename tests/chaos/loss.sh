@@ -91,7 +91,7 @@ print('%d segments sent, %d retransmitted, %d retransmission timeouts, %d reorde
     "$1" "$2"
 }
 run_once() {  # tag probability
-  local tag=$1 p=$2 r rc
+  local tag=$1 p=$2
   chaos_start_servers "$job" "${flags[@]}"
   local w1tcp0 s0tcp0
   w1tcp0=$(tcp_counters w1)
@@ -114,12 +114,8 @@ run_once() {  # tag probability
   local t0=$SECONDS
   chaos_start_worker w0 0 "$job" "${flags[@]}" --evaluate=false
   chaos_start_worker w1 1 "$job" "${flags[@]}" --evaluate=false
-  rcs[$tag]=""
-  for r in 0 1; do
-    rc=0; chaos_wait "worker-$r" $((run_limit_s - (SECONDS - t0))) || rc=$?
-    if [ "$rc" = 124 ]; then kill -9 "$(chaos_pid "worker-$r")" 2>/dev/null || true; fi
-    rcs[$tag]+="${rcs[$tag]:+ }$rc"
-  done
+  chaos_wait_workers $((run_limit_s - (SECONDS - t0))) 0.2  # sets rc0, rc1
+  rcs[$tag]="$rc0 $rc1"
   sps[$tag]=$(chaos_summary 0 samples_per_sec)
   wall[$tag]=$(chaos_summary 0 wall_seconds)
   if [ -z "${sps[$tag]}" ]; then

@@ -54,7 +54,7 @@ worker_steps() {  # rank: steps the worker has taken (its /metrics), 0 when unkn
   echo "${v%.*}" | sed 's/^$/0/'
 }
 run_once() {  # tag straggler(0|1) backup_workers
-  local tag=$1 slow=$2 backup=$3 r rc
+  local tag=$1 slow=$2 backup=$3
   local flags=("${base_flags[@]}")
   [ "$backup" != 0 ] && flags+=(--backup_workers="$backup")
   chaos_start_servers "$job" "${flags[@]}"
@@ -78,12 +78,8 @@ run_once() {  # tag straggler(0|1) backup_workers
   v1=$(chaos_metric s0 tessera_shard_version)
   while chaos_alive worker-0 && [ $((SECONDS - t0)) -lt "$run_limit_s" ]; do sleep 0.1; done
   t_end=$(now_s)
-  rcs[$tag]=""
-  for r in 0 1; do
-    rc=0; chaos_wait "worker-$r" $((run_limit_s - (SECONDS - t0))) || rc=$?
-    if [ "$rc" = 124 ]; then kill -9 "$(chaos_pid "worker-$r")" 2>/dev/null || true; fi
-    rcs[$tag]+="${rcs[$tag]:+ }$rc"
-  done
+  chaos_wait_workers $((run_limit_s - (SECONDS - t0))) 0.2  # sets rc0, rc1
+  rcs[$tag]="$rc0 $rc1"
   # Steps from the moment worker 1 was held back to worker 0's exit.
   rate[$tag]=$(pyval "round(($max_steps - ${v1:-0}) / ($t_end - $t1), 1)")
   sps[$tag]=$(chaos_summary 0 samples_per_sec)
