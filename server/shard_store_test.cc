@@ -707,9 +707,9 @@ TEST(ShardStoreTest, CreateRejectsBadShard) {
             absl::StatusCode::kInvalidArgument);
 }
 
-
 // A job of 2 MiB of parameters in 64 KiB blocks, so pushes, steps and
-// pulls run on the apply threads when there are several. Adam, so every block also updates two slots.
+// pulls run on the apply threads when there are several. Adam, so every
+// block also updates two slots.
 JobSpec LargeAdamJob(tessera::v1::ConsistencyMode mode, int workers) {
   JobSpec job = ExactSumJob(mode, workers);
   job.set_model("linear:1024-512");

@@ -100,12 +100,7 @@ class FaultTest : public ::testing::Test {
     return std::stod(m[1]);
   }
 
-  double TestAccuracy(int rank) {
-    std::smatch m;
-    const std::string json = ReadFile(absl::StrCat(dir_, "/summary-", rank, ".json"));
-    if (!std::regex_search(json, m, std::regex("\"test_accuracy\": ([0-9.]+)"))) return -1;
-    return std::stod(m[1]);
-  }
+  double TestAccuracy(int rank) { return SummaryNumber(rank, "test_accuracy"); }
 
   std::string dir_;
   std::vector<int> ports_;

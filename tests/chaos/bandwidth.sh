@@ -64,7 +64,7 @@ chaos_log "cap removed"
 rc0=0; chaos_wait worker-0 "$run_limit_s" || rc0=$?
 rc1=0; chaos_wait worker-1 "$run_limit_s" || rc1=$?
 sample after
-v_end="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
+v_end="$(chaos_servers_metric tessera_shard_version)"
 chaos_stop_servers
 
 echo

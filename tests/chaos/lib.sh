@@ -293,6 +293,15 @@ chaos_metric() {
     END { if (found) printf "%.17g\n", s }' || true
 }
 
+# chaos_servers_metric NAME [LABEL_SUBSTRING]: chaos_metric of every server
+# (s0, s1, ...), space-separated in shard order ("" for one unreachable).
+chaos_servers_metric() {
+  local s vals=()
+  for ((s = 0; s < CHAOS_NUM_SERVERS; s++)); do vals+=("$(chaos_metric "s$s" "$@")"); done
+  local IFS=' '
+  echo "${vals[*]}"
+}
+
 # chaos_summary RANK FIELD: a field of worker RANK's --summary_json.
 chaos_summary() {
   /usr/bin/python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])" \

@@ -126,10 +126,10 @@ run_once() {  # tag probability
     sps[$tag]=$(pyval "${v:-0} * $batch * 2 / $elapsed")
     wall[$tag]="${elapsed} (cut at the limit after ${v:-0} steps)"
   fi
-  applied[$tag]="$(chaos_metric s0 tessera_pushes_total applied) $(chaos_metric s1 tessera_pushes_total applied)"
-  dup[$tag]="$(chaos_metric s0 tessera_pushes_total duplicate) $(chaos_metric s1 tessera_pushes_total duplicate)"
-  rej[$tag]="$(chaos_metric s0 tessera_pushes_total rejected) $(chaos_metric s1 tessera_pushes_total rejected)"
-  ver[$tag]="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
+  applied[$tag]="$(chaos_servers_metric tessera_pushes_total applied)"
+  dup[$tag]="$(chaos_servers_metric tessera_pushes_total duplicate)"
+  rej[$tag]="$(chaos_servers_metric tessera_pushes_total rejected)"
+  ver[$tag]="$(chaos_servers_metric tessera_shard_version)"
   retries[$tag]=$(cat "$CHAOS_WORK"/worker-*.log | grep -c 'retrying' || true)
   tcp[$tag]=$(tcp_delta "$w1tcp0" "$(tcp_counters w1)")
   s0tcp[$tag]=$(tcp_delta "$s0tcp0" "$(tcp_counters s0)")

@@ -44,7 +44,7 @@ t_heal=$(now_s)
 chaos_log "healed"
 rc0=0; chaos_wait worker-0 120 || rc0=$?
 rc1=0; chaos_wait worker-1 120 || rc1=$?
-v_end="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
+v_end="$(chaos_servers_metric tessera_shard_version)"
 chaos_stop_servers
 chaos_grep worker-1 'retrying|reconnected' | while read -r ts rest; do
   printf '  t=%5.1fs after the partition: %s\n' "$(pyval "$ts - $t_part")" "${rest:0:200}"

@@ -51,7 +51,8 @@ declare -A rcs rate sps applied dup late rej ver skipped
 worker_steps() {  # rank: steps the worker has taken (its /metrics), 0 when unknown
   local v
   v=$(chaos_metric "w$1" tessera_worker_steps_total)
-  echo "${v%.*}" | sed 's/^$/0/'
+  v=${v%.*}
+  echo "${v:-0}"
 }
 run_once() {  # tag straggler(0|1) backup_workers
   local tag=$1 slow=$2 backup=$3
@@ -84,11 +85,11 @@ run_once() {  # tag straggler(0|1) backup_workers
   rate[$tag]=$(pyval "round(($max_steps - ${v1:-0}) / ($t_end - $t1), 1)")
   sps[$tag]=$(chaos_summary 0 samples_per_sec)
   skipped[$tag]="$(chaos_summary 0 skipped_steps) $(chaos_summary 1 skipped_steps)"
-  applied[$tag]="$(chaos_metric s0 tessera_pushes_total applied) $(chaos_metric s1 tessera_pushes_total applied)"
-  dup[$tag]="$(chaos_metric s0 tessera_pushes_total duplicate) $(chaos_metric s1 tessera_pushes_total duplicate)"
-  late[$tag]="$(chaos_metric s0 tessera_pushes_total 'outcome="late"') $(chaos_metric s1 tessera_pushes_total 'outcome="late"')"
-  rej[$tag]="$(chaos_metric s0 tessera_pushes_total rejected) $(chaos_metric s1 tessera_pushes_total rejected)"
-  ver[$tag]="$(chaos_metric s0 tessera_shard_version) $(chaos_metric s1 tessera_shard_version)"
+  applied[$tag]="$(chaos_servers_metric tessera_pushes_total applied)"
+  dup[$tag]="$(chaos_servers_metric tessera_pushes_total duplicate)"
+  late[$tag]="$(chaos_servers_metric tessera_pushes_total 'outcome="late"')"
+  rej[$tag]="$(chaos_servers_metric tessera_pushes_total rejected)"
+  ver[$tag]="$(chaos_servers_metric tessera_shard_version)"
   chaos_stop_servers
   printf '%-7s straggler %s backup_workers %s: workers exit %-5s %6s steps/s from step %s to the end (%ss); worker 0 %s applied samples/s; shard versions %s; pushes applied %s, late %s, duplicate %s, rejected %s; skipped steps (workers 0, 1) %s\n' \
     "$tag" "$slow" "$backup" "${rcs[$tag]}" "${rate[$tag]}" "${v1:-?}" "$(pyval "round($t_end - $t1, 1)")" \
