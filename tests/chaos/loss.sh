@@ -26,6 +26,10 @@
 #        TCP_CONGESTION: when set, --tcp_congestion for every server and
 #        worker (for example bbr or cubic); otherwise they use the system's
 #        algorithm, which the script prints.
+#        QUICKACK=1: `quickack 1` on every route of every host namespace,
+#        so the kernels acknowledge each segment at once instead of
+#        delaying acknowledgements (for comparison; the figures of
+#        RELIABILITY.md are for the kernel's default).
 #        CAPTURE=1: capture the packets between worker 1 and each server at
 #        both ends (tcpdump, headers only) during the lossy runs and print
 #        each direction's retransmission stalls (tests/chaos/stalls.py): how
@@ -51,6 +55,12 @@ chaos_hosts s0 s1 w0 w1
 if [ -n "${RTO_MIN_US:-}" ]; then
   for h in s0 s1 w0 w1; do chaos_in "$h" sysctl -qw net.ipv4.tcp_rto_min_us="$RTO_MIN_US"; done
   echo "== net.ipv4.tcp_rto_min_us = $RTO_MIN_US in every host namespace"
+fi
+if [ -n "${QUICKACK:-}" ]; then
+  for h in s0 s1 w0 w1; do
+    chaos_in "$h" sh -c 'ip route show | while read -r r; do ip route change $r quickack 1; done'
+  done
+  echo "== quickack 1 on every route of every host namespace"
 fi
 job="$CHAOS_SRC/examples/fashion_mnist_mlp.textproto"
 flags=(--max_steps="$max_steps" --epochs=1000)
