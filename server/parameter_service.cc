@@ -256,6 +256,7 @@ grpc::Status ParameterServiceImpl::Session(
         }
         reply.mutable_push()->set_applied(outcome->applied);
         reply.mutable_push()->set_detail(outcome->detail);
+        reply.mutable_push()->set_late(outcome->late);
         if (req.push().return_parameters()) {
           Pull(req.push().step() + 1, reply_area, &reply);
         } else {

@@ -319,6 +319,10 @@ TEST_F(FaultTest, FrozenWorkerDoesNotHoldUpASyncStepWithABackupWorker) {
     late += stats.pushes_late();
   }
   EXPECT_GE(late, 1);  // the frozen worker's push, at least on one shard
+  // The workers learn which of their pushes were late, as the servers
+  // counted them: none is reported as a repeat.
+  EXPECT_EQ(SummaryNumber(0, "late_acks") + SummaryNumber(1, "late_acks"), late);
+  EXPECT_EQ(SummaryNumber(0, "duplicate_acks") + SummaryNumber(1, "duplicate_acks"), 0);
   EXPECT_GE(TestAccuracy(0), 0.6);
 }
 

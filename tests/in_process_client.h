@@ -35,6 +35,7 @@ class InProcessClient final : public ParameterClient {
   absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
                                              absl::Span<float> params) override {
     int not_applied = 0;
+    int late = 0;
     for (ShardStore* s : stores_) {
       tessera::v1::PushRequest push;
       push.set_step(step);
@@ -47,9 +48,10 @@ class InProcessClient final : public ParameterClient {
       }
       TESSERA_ASSIGN_OR_RETURN(PushOutcome outcome, s->Push(worker_, incarnation_, push));
       not_applied += outcome.applied ? 0 : 1;
+      late += outcome.late ? 1 : 0;
     }
     TESSERA_ASSIGN_OR_RETURN(const int64_t version, Pull(step + 1, params));
-    return PushPullResult{not_applied, version};
+    return PushPullResult{not_applied, version, late};
   }
 
  private:

@@ -171,7 +171,8 @@ class JumpingClient final : public ParameterClient {
   absl::StatusOr<PushPullResult> PushAndPull(int64_t step, absl::Span<const float> grads,
                                              absl::Span<float> params) override {
     pushed.push_back(step);
-    if (step == jump_at_) return PushPullResult{2, jump_to_};
+    // Both shards' steps closed without this push: late, not repeats.
+    if (step == jump_at_) return PushPullResult{2, jump_to_, 2};
     return PushPullResult{0, step + 1};
   }
   std::vector<int64_t> pushed;
@@ -235,7 +236,8 @@ TEST(InProcessTrainingTest, SyncWorkerThatFellBehindSkipsClosedSteps) {
   EXPECT_EQ(client.pushed.back(), 99);
   EXPECT_EQ(summary->skipped_steps, 64);
   EXPECT_EQ(summary->steps, 100 - 64);
-  EXPECT_EQ(summary->duplicate_acks, 2);
+  EXPECT_EQ(summary->late_acks, 2);
+  EXPECT_EQ(summary->duplicate_acks, 0);
   // Both epochs still end with an evaluation.
   EXPECT_EQ(summary->epochs.size(), 2u);
 }

@@ -87,6 +87,12 @@ class RequestWatchdog {
   std::thread thread_;  // last: starts after the fields above exist
 };
 
+// How a shard acknowledged a push.
+struct PushAck {
+  bool applied = false;
+  bool late = false;  // not applied: its step closed without it
+};
+
 // One shard's stream and the messages reused on it. Not thread-safe: only
 // the shard's own lane touches it.
 class ShardStream {
@@ -152,7 +158,7 @@ class ShardStream {
   // waits until wait_param(its parameter index) says the gradient is final
   // (false: the exchange was aborted; nothing more is sent).
   absl::Status PushAndPull(int64_t step, absl::Span<const float> grads,
-                           absl::Span<float> params, bool* applied, int64_t* version,
+                           absl::Span<float> params, PushAck* ack, int64_t* version,
                            std::function<bool(int)> wait_param = nullptr) {
     // The push message keeps its block buffers from step to step; only the
     // payload bytes are rewritten.
@@ -244,7 +250,8 @@ class ShardStream {
     const absl::Status s = CallForParams(&push_, params, version);
     wait_param_ = nullptr;
     TESSERA_RETURN_IF_ERROR(s);
-    *applied = reply_.push().applied();
+    ack->applied = reply_.push().applied();
+    ack->late = reply_.push().late();
     return absl::OkStatus();
   }
 
@@ -678,7 +685,7 @@ class GrpcParameterClient final : public ParameterClient {
       : partition_(partition),
         shards_(std::move(shards)),
         versions_(shards_.size()),
-        applied_(shards_.size()),
+        acks_(shards_.size()),
         lanes_(static_cast<int>(shards_.size())) {
     // Which shards hold a block of each parameter, and how many distinct
     // parameters each shard waits for in the split form.
@@ -731,10 +738,8 @@ class GrpcParameterClient final : public ParameterClient {
     TESSERA_RETURN_IF_ERROR(CheckSize(grads.size()));
     TESSERA_RETURN_IF_ERROR(CheckSize(params.size()));
     TESSERA_RETURN_IF_ERROR(lanes_.Run([&](int s) {
-      bool applied = false;
-      absl::Status st = shards_[s]->PushAndPull(step, grads, params, &applied, &versions_[s]);
-      applied_[s] = applied ? 1 : 0;
-      return st;
+      acks_[s] = PushAck();
+      return shards_[s]->PushAndPull(step, grads, params, &acks_[s], &versions_[s]);
     }));
     return Result();
   }
@@ -810,7 +815,10 @@ class GrpcParameterClient final : public ParameterClient {
 
   PushPullResult Result() const {
     PushPullResult r;
-    for (char a : applied_) r.not_applied += a ? 0 : 1;
+    for (const PushAck& a : acks_) {
+      r.not_applied += a.applied ? 0 : 1;
+      r.late += !a.applied && a.late ? 1 : 0;
+    }
     r.version = *std::min_element(versions_.begin(), versions_.end());
     return r;
   }
@@ -855,11 +863,9 @@ class GrpcParameterClient final : public ParameterClient {
       if (aborted_) return absl::CancelledError("exchange aborted before this shard left");
       if (unready_ > 0) ++early_pushes_;  // backward is still going on
     }
-    bool applied = false;
-    absl::Status st = shards_[s]->PushAndPull(split_step_, split_grads_, split_params_, &applied,
-                                              &versions_[s], std::move(wait));
-    applied_[s] = applied ? 1 : 0;
-    return st;
+    acks_[s] = PushAck();
+    return shards_[s]->PushAndPull(split_step_, split_grads_, split_params_, &acks_[s],
+                                   &versions_[s], std::move(wait));
   }
 
   const Partition& partition_;
@@ -882,7 +888,7 @@ class GrpcParameterClient final : public ParameterClient {
 
   // Written by each lane for its own index only.
   std::vector<int64_t> versions_;
-  std::vector<char> applied_;
+  std::vector<PushAck> acks_;
   // Declared after everything the lanes' tasks touch, so the lanes stop
   // first when the client is destroyed.
   ShardLanes lanes_;

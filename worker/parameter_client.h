@@ -31,6 +31,9 @@ class ParameterClient {
     // Smallest version among the parameters received (SYNC: the step they
     // belong to, step + 1 or more when the others went on without us).
     int64_t version = 0;
+    // Of not_applied, the shards whose step had closed without the push
+    // (late, not a repeat).
+    int late = 0;
   };
 
   // Pushes the gradients of `step` to every shard and fills `params` with

@@ -128,6 +128,12 @@ class BackgroundExchange {
   std::thread thread_;  // last: starts after the fields above exist
 };
 
+// Adds a push's acknowledgements without effect to the summary.
+void CountAcks(const ParameterClient::PushPullResult& r, TrainSummary* summary) {
+  summary->duplicate_acks += r.not_applied - r.late;
+  summary->late_acks += r.late;
+}
+
 }  // namespace
 
 absl::StatusOr<int64_t> StepsPerEpoch(const tessera::v1::JobSpec& job,
@@ -187,7 +193,7 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         "\"test_loss\": %.6g, \"val_loss\": [%s], \"epochs\": %d, "
                         "\"steps\": %d, \"samples_per_sec\": %.6g, \"wall_seconds\": %.6g, "
                         "\"mode\": \"%s\", \"workers\": %d, \"shards\": %d, "
-                        "\"batch_size\": %d, \"duplicate_acks\": %d, "
+                        "\"batch_size\": %d, \"duplicate_acks\": %d, \"late_acks\": %d, "
                         "\"payload_bytes_per_step\": %.0f, \"wire_dtype\": \"%s\", "
                         "\"top_k_fraction\": %.6g, \"overlap\": %s, \"skipped_steps\": %d, "
                         "\"first_step\": %d, \"early_shard_pushes\": %d}\n",
@@ -195,7 +201,7 @@ std::string SummaryJson(const TrainSummary& s, const tessera::v1::JobSpec& job) 
                         static_cast<int>(s.epochs.size()), s.steps, s.samples_per_sec,
                         s.wall_seconds, ModeName(job.consistency().mode()),
                         job.num_workers(), job.num_shards(), job.batch_size(),
-                        s.duplicate_acks, s.payload_bytes_per_step,
+                        s.duplicate_acks, s.late_acks, s.payload_bytes_per_step,
                         tessera::v1::DType_Name(job.wire_dtype()), job.top_k_fraction(),
                         job.overlap() && job.consistency().mode() != tessera::v1::SYNC
                             ? "true"
@@ -273,7 +279,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
   auto drain = [&]() -> absl::Status {
     if (!exchange.has_value() || !exchange->busy()) return absl::OkStatus();
     TESSERA_ASSIGN_OR_RETURN(const ParameterClient::PushPullResult r, exchange->Wait());
-    summary.duplicate_acks += r.not_applied;
+    CountAcks(r, &summary);
     std::copy(other_params.begin(), other_params.end(), cur_params.begin());
     return absl::OkStatus();
   };
@@ -304,12 +310,12 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
       }
       loss = *computed;
       TESSERA_ASSIGN_OR_RETURN(exchanged, client->FinishPushAndPull());
-      summary.duplicate_acks += exchanged.not_applied;
+      CountAcks(exchanged, &summary);
     } else if (overlap) {
       TESSERA_ASSIGN_OR_RETURN(loss, backend->ComputeGradients(cur_params, b, cur_grads));
       if (exchange->busy()) {
         TESSERA_ASSIGN_OR_RETURN(exchanged, exchange->Wait());
-        summary.duplicate_acks += exchanged.not_applied;
+        CountAcks(exchanged, &summary);
       }
       // The exchange writes the buffer this step's compute just read; the
       // next compute reads the one the previous exchange filled.
@@ -319,7 +325,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
     } else {
       TESSERA_ASSIGN_OR_RETURN(loss, backend->ComputeGradients(cur_params, b, cur_grads));
       TESSERA_ASSIGN_OR_RETURN(exchanged, client->PushAndPull(step, cur_grads, cur_params));
-      summary.duplicate_acks += exchanged.not_applied;
+      CountAcks(exchanged, &summary);
     }
     ++summary.steps;
     samples_seen += static_cast<int64_t>(batch) * applied_workers;

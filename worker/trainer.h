@@ -61,7 +61,10 @@ struct EpochStats {
 struct TrainSummary {
   std::vector<EpochStats> epochs;
   int64_t steps = 0;
-  int64_t duplicate_acks = 0;  // pushes acknowledged without effect
+  // Shard pushes acknowledged without effect: repeats of a push already
+  // taken, and (late_acks) pushes for a step that closed without them.
+  int64_t duplicate_acks = 0;
+  int64_t late_acks = 0;
   double payload_bytes_per_step = 0;  // tensor bytes pushed + pulled per step
   // Shard pushes that left before backward ended (TrainerOptions.layerwise_push).
   int64_t early_shard_pushes = 0;

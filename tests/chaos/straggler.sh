@@ -47,7 +47,7 @@ chaos_hosts s0 s1 w0 w1
 job="$CHAOS_SRC/examples/fashion_mnist_mlp.textproto"
 base_flags=(--max_steps="$max_steps" --epochs=1000)
 
-declare -A rcs rate sps applied dup late rej ver skipped
+declare -A rcs rate sps applied dup late rej ver skipped lacks
 worker_steps() {  # rank: steps the worker has taken (its /metrics), 0 when unknown
   local v
   v=$(chaos_metric "w$1" tessera_worker_steps_total)
@@ -85,16 +85,17 @@ run_once() {  # tag straggler(0|1) backup_workers
   rate[$tag]=$(pyval "round(($max_steps - ${v1:-0}) / ($t_end - $t1), 1)")
   sps[$tag]=$(chaos_summary 0 samples_per_sec)
   skipped[$tag]="$(chaos_summary 0 skipped_steps) $(chaos_summary 1 skipped_steps)"
+  lacks[$tag]="$(chaos_summary 0 late_acks) $(chaos_summary 1 late_acks)"
   applied[$tag]="$(chaos_servers_metric tessera_pushes_total applied)"
   dup[$tag]="$(chaos_servers_metric tessera_pushes_total duplicate)"
   late[$tag]="$(chaos_servers_metric tessera_pushes_total 'outcome="late"')"
   rej[$tag]="$(chaos_servers_metric tessera_pushes_total rejected)"
   ver[$tag]="$(chaos_servers_metric tessera_shard_version)"
   chaos_stop_servers
-  printf '%-7s straggler %s backup_workers %s: workers exit %-5s %6s steps/s from step %s to the end (%ss); worker 0 %s applied samples/s; shard versions %s; pushes applied %s, late %s, duplicate %s, rejected %s; skipped steps (workers 0, 1) %s\n' \
+  printf '%-7s straggler %s backup_workers %s: workers exit %-5s %6s steps/s from step %s to the end (%ss); worker 0 %s applied samples/s; shard versions %s; pushes applied %s, late %s, duplicate %s, rejected %s; skipped steps (workers 0, 1) %s; late acknowledgements (workers 0, 1) %s\n' \
     "$tag" "$slow" "$backup" "${rcs[$tag]}" "${rate[$tag]}" "${v1:-?}" "$(pyval "round($t_end - $t1, 1)")" \
     "${sps[$tag]:-?}" "${ver[$tag]}" "${applied[$tag]}" "${late[$tag]}" "${dup[$tag]}" \
-    "${rej[$tag]}" "${skipped[$tag]}"
+    "${rej[$tag]}" "${skipped[$tag]}" "${lacks[$tag]}"
   chaos_archive "run-$tag"
 }
 
@@ -122,6 +123,8 @@ chaos_expect "backup: every step holds exactly one gradient on each shard, 0 dup
   'exact backup 1'
 chaos_expect "backup: the straggler's pushes came late and were dropped (late ${late[backup]})" \
   'pytrue "sum(map(float, \"${late[backup]}\".split())) >= 1"'
+chaos_expect "backup: the workers were told of each late push (late acknowledgements ${lacks[backup]}; servers' late ${late[backup]})" \
+  'pytrue "sum(map(float, \"${lacks[backup]}\".split())) == sum(map(float, \"${late[backup]}\".split()))"'
 chaos_expect "the straggler slows the job without a backup worker: ${rate[slow]} < ${rate[base]} steps/s" \
   'pytrue "${rate[slow]} < ${rate[base]}"'
 chaos_expect "with one backup worker the job keeps >= 50% of its straggler-free step rate: $(pyval "round(100 * $ratio, 1)")%" \
