@@ -457,10 +457,7 @@ void ShardStore::ApplyStep(int contributors, int64_t step) {
     const int64_t n = b->info.num_elements;
     ArrayMap accum(b->accum.data(), n);
     accum *= scale;
-    float* slots[kMaxSlots];
-    for (size_t k = 0; k < b->slots.size(); ++k) slots[k] = b->slots[k].data();
-    ++b->updates;
-    optimizer_->Apply(b->updates, lr, b->params.data(), b->accum.data(), slots, n);
+    ApplyToBlockLocked(b, lr, b->accum.data());
     accum.setZero();
   });
 }
@@ -565,9 +562,6 @@ void ShardStore::ApplyDirect(const PushRequest& request,
     const absl::string_view data = PayloadOf(request, payloads, i);
     Block* b = blocks_[tb.block_id()].get();
     absl::MutexLock lock(&b->mu);
-    float* slots[kMaxSlots];
-    for (size_t k = 0; k < b->slots.size(); ++k) slots[k] = b->slots[k].data();
-    ++b->updates;
     const float* grad = PayloadFloats(data);
     if (tb.sparse()) {
       // Sparse gradients are densified (zeros elsewhere) into the block's
@@ -583,8 +577,15 @@ void ShardStore::ApplyDirect(const PushRequest& request,
       DecodeF32(tb.dtype(), data, b->scratch.span()).IgnoreError();  // validated
       grad = b->scratch.data();
     }
-    optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots, b->info.num_elements);
+    ApplyToBlockLocked(b, lr, grad);
   });
+}
+
+void ShardStore::ApplyToBlockLocked(Block* b, float lr, const float* grad) const {
+  float* slots[kMaxSlots];
+  for (size_t k = 0; k < b->slots.size(); ++k) slots[k] = b->slots[k].data();
+  ++b->updates;
+  optimizer_->Apply(b->updates, lr, b->params.data(), grad, slots, b->info.num_elements);
 }
 
 int64_t ShardStore::SlowestClockLocked() const {

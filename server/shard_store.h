@@ -196,6 +196,9 @@ class ShardStore {
   ShardState CopyBlocks(int64_t step, int64_t version);
   void ApplyDirect(const tessera::v1::PushRequest& request,
                    absl::Span<const absl::string_view> payloads);
+  // One optimizer update of block `b` with `grad` (F32, the block's length).
+  void ApplyToBlockLocked(Block* b, float lr, const float* grad) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(b->mu);
   bool PullReadyLocked(int64_t step) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // fn(i) for i in [0, n): on the apply threads when the blocks other
   // than the largest (bytes_of(i) each) hold kParallelBytes or more, else
