@@ -255,7 +255,10 @@ TEST_F(FaultTest, SyncWorkerKilledAndRestartedRejoinsAtTheStepInProgress) {
     EXPECT_GE(stats.pushes_applied(), kSteps) << "shard " << s;
     EXPECT_EQ(stats.requests_rejected(), 0) << "shard " << s;
   }
-  EXPECT_GT(SummaryNumber(1, "first_step"), 10) << ReadFile(dir_ + "/summary-1.json");
+  // It was killed after step 10 completed: it rejoins at the step then in
+  // progress (10 when it came back within the departure grace, as under
+  // ASan once) or a later one the others closed meanwhile, never at 0.
+  EXPECT_GE(SummaryNumber(1, "first_step"), 10) << ReadFile(dir_ + "/summary-1.json");
   EXPECT_GE(TestAccuracy(0), 0.75);
 }
 
