@@ -236,10 +236,11 @@ grpc::Status ParameterServiceImpl::Session(
         absl::StatusOr<PushOutcome> outcome =
             store_->Push(worker, incarnation, req.push(), payloads);
         if (metrics_ != nullptr) {
-          metrics_->Push(!outcome.ok()      ? "rejected"
-                         : outcome->applied ? "applied"
-                         : outcome->late    ? "late"
-                                            : "duplicate",
+          using Outcome = ServiceMetrics::Outcome;
+          metrics_->Push(!outcome.ok()      ? Outcome::kRejected
+                         : outcome->applied ? Outcome::kApplied
+                         : outcome->late    ? Outcome::kLate
+                                            : Outcome::kDuplicate,
                          absl::ToDoubleSeconds(absl::Now() - start), PayloadBytes(payloads),
                          outcome.ok() ? outcome->staleness : 0);
         }

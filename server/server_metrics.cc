@@ -124,16 +124,25 @@ ServiceMetrics::ServiceMetrics(prometheus::Registry& registry, int shard)
                      .Add({{"shard", absl::StrCat(shard)}},
                           prometheus::Histogram::BucketBoundaries{0, 1, 2, 4, 8, 16, 32, 64})) {}
 
-void ServiceMetrics::Push(const std::string& outcome, double seconds, double bytes,
+void ServiceMetrics::Push(Outcome outcome, double seconds, double bytes,
                           int64_t staleness) {
-  (outcome == "applied"     ? applied_
-   : outcome == "duplicate" ? duplicate_
-   : outcome == "late"      ? late_
-                            : rejected_)
-      .Increment();
+  switch (outcome) {
+    case Outcome::kApplied:
+      applied_.Increment();
+      staleness_.Observe(static_cast<double>(staleness));
+      break;
+    case Outcome::kDuplicate:
+      duplicate_.Increment();
+      break;
+    case Outcome::kLate:
+      late_.Increment();
+      break;
+    case Outcome::kRejected:
+      rejected_.Increment();
+      break;
+  }
   push_seconds_.Observe(seconds);
   bytes_in_.Increment(bytes);
-  if (outcome == "applied") staleness_.Observe(static_cast<double>(staleness));
 }
 
 void ServiceMetrics::Pull(double wait_seconds, double bytes) {

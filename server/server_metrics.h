@@ -24,9 +24,10 @@ class ServiceMetrics {
  public:
   ServiceMetrics(prometheus::Registry& registry, int shard);
 
-  // A push was handled in `seconds` with `bytes` of payload; `outcome` is
-  // "applied", "duplicate", "late" or "rejected".
-  void Push(const std::string& outcome, double seconds, double bytes, int64_t staleness);
+  // How a push ended (the `outcome` label of tessera_pushes_total).
+  enum class Outcome { kApplied, kDuplicate, kLate, kRejected };
+  // A push was handled in `seconds` with `bytes` of payload.
+  void Push(Outcome outcome, double seconds, double bytes, int64_t staleness);
   // A pull (or the pull half of a push) waited `wait_seconds` for the
   // consistency rule and sent `bytes`.
   void Pull(double wait_seconds, double bytes);
