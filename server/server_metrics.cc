@@ -124,8 +124,7 @@ ServiceMetrics::ServiceMetrics(prometheus::Registry& registry, int shard)
                      .Add({{"shard", absl::StrCat(shard)}},
                           prometheus::Histogram::BucketBoundaries{0, 1, 2, 4, 8, 16, 32, 64})) {}
 
-void ServiceMetrics::Push(Outcome outcome, double seconds, double bytes,
-                          int64_t staleness) {
+void ServiceMetrics::Push(Outcome outcome, double seconds, double bytes, int64_t staleness) {
   switch (outcome) {
     case Outcome::kApplied:
       applied_.Increment();

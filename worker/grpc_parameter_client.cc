@@ -157,8 +157,8 @@ class ShardStream {
   // push goes last layer first, one part per parameter, and each part
   // waits until wait_param(its parameter index) says the gradient is final
   // (false: the exchange was aborted; nothing more is sent).
-  absl::Status PushAndPull(int64_t step, absl::Span<const float> grads,
-                           absl::Span<float> params, PushAck* ack, int64_t* version,
+  absl::Status PushAndPull(int64_t step, absl::Span<const float> grads, absl::Span<float> params,
+                           PushAck* ack, int64_t* version,
                            std::function<bool(int)> wait_param = nullptr) {
     // The push message keeps its block buffers from step to step; only the
     // payload bytes are rewritten.
