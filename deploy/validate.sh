@@ -102,12 +102,28 @@ check "job files identical: deploy/compose/job.textproto = deploy/k8s/base/job.t
   cmp deploy/compose/job.textproto deploy/k8s/base/job.textproto
 
 # --- (d) Dockerfiles --------------------------------------------------------
+# The build stage configures the top-level CMakeLists.txt, which stops at an
+# add_subdirectory (outside the tests' and fuzzers' conditions) or include
+# of a folder the image was not given.
+copies_sources() {
+  local dockerfile=$1 dir missing=()
+  for dir in $(sed -n 's/^add_subdirectory(\([a-z_]*\))$/\1/p' CMakeLists.txt) \
+             $(sed -n 's|^include(\([a-z_]*\)/.*|\1|p' CMakeLists.txt); do
+    grep -Eq "^COPY ${dir}/ ${dir}/\$" "$dockerfile" || missing+=("$dir/")
+  done
+  if ((${#missing[@]})); then
+    echo "$dockerfile does not COPY ${missing[*]}"
+    return 1
+  fi
+}
 for dockerfile in deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.cuda; do
   if [[ ! -f $dockerfile ]]; then
     # dockerfilelint lints a missing file's name as Dockerfile text: test first.
     fail "dockerfilelint: $dockerfile" "no such file"
   else
     check "dockerfilelint: $dockerfile" node_modules/.bin/dockerfilelint "$dockerfile"
+    check "$dockerfile copies every folder CMakeLists.txt always configures" \
+      copies_sources "$dockerfile"
   fi
 done
 
