@@ -9,12 +9,18 @@ Both systems train the same 784-256-128-10 MLP with Adam (lr 1e-3), batch
   * PyTorch DDP: gloo backend, 2 processes with 1 thread each on 127.0.0.1;
     rank r trains on x[r::2] with a fresh permutation every epoch.
 
+A third row measures how fast Tessera's workers would go with no exchange
+at all: bench/compute_bench, their own work (batch gathering, forward and
+backward on the CPU backend, rank 0's evaluation after each epoch) in 2
+processes at once with no servers. Its samples/s over DDP's is the most
+any exchange could give Tessera with this backend on this machine.
+
 Each system runs --seeds times with different seeds (initial weights and
 data order; Tessera 42, 43, ..., DDP 0, 1, ...), alternating, because one
 run's test accuracy moves by a few tenths of a point with the seed alone.
 Prints a table (median samples/s, mean and range of test accuracy,
-Tessera/DDP throughput ratio) and writes the figures, every run's, and a
-description of the machine as JSON.
+Tessera/DDP throughput ratio, the compute-alone ratios) and writes the
+figures, every run's, and a description of the machine as JSON.
 
 Usage (from the repository root):
   python3 bench/fmnist_vs_ddp.py [--build_dir=build] [--epochs=3] [--seeds=5]
@@ -246,6 +252,43 @@ def run_tessera(build_dir, job_path, epochs, timeout_s, seed):
     }
 
 
+def run_compute(build_dir, job_path, epochs, timeout_s):
+    """The workers' own work alone: bench/compute_bench (the worker's batch
+    gathering, forward and backward on the CPU backend, and rank 0's
+    evaluation after each epoch) in WORKERS processes at once, with no
+    servers. Samples/s counts every rank's batches over the slowest rank's
+    time, as a synchronous job's steps wait for the slowest worker."""
+    binary = os.path.join(build_dir, "bin", "compute_bench")
+    if not os.access(binary, os.X_OK):
+        sys.exit(f"error: {binary} not found or not executable; build it first "
+                 f"(ninja -C {build_dir} compute_bench)")
+    with tempfile.TemporaryDirectory(prefix="fmnist_compute_") as tmp:
+        procs = []
+        for rank in range(WORKERS):
+            out = os.path.join(tmp, f"rank{rank}.json")
+            cmd = [binary, f"--job={job_path}", f"--rank={rank}", f"--epochs={epochs}",
+                   f"--out={out}"]
+            procs.append((subprocess.Popen(cmd), out))
+        print("compute: " + " ".join(cmd[:-1]) + " (one per rank)", flush=True)
+        ranks = []
+        for proc, out in procs:
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                for p, _ in procs:
+                    p.kill()
+                sys.exit(f"error: compute_bench did not finish within {timeout_s:g} s")
+            if code != 0:
+                sys.exit(f"error: compute_bench exited with status {code}")
+            with open(out) as f:
+                ranks.append(json.load(f))
+    seconds = max(r["seconds"] for r in ranks)
+    samples = sum(r["steps"] * r["batch_size"] for r in ranks)
+    rate = samples / seconds
+    print(f"  | compute alone: {rate:.0f} samples/s (slowest rank {seconds:.2f} s)", flush=True)
+    return {"samples_per_sec": rate, "seconds": seconds, "ranks": ranks}
+
+
 # ---------------------------------------------------------------------------
 # PyTorch DDP
 # ---------------------------------------------------------------------------
@@ -394,13 +437,21 @@ def main():
     out_path = os.path.abspath(args.out)
     machine = machine_info()
 
-    tessera_runs, ddp_runs = [], []
-    for i in range(args.seeds):  # alternating, so slow spells hit both
+    tessera_runs, ddp_runs, compute_runs = [], [], []
+    for i in range(args.seeds):  # alternating, so slow spells hit all three
         tessera_runs.append(run_tessera(build_dir, job_path, args.epochs, args.timeout_s,
                                         TESSERA_FIRST_SEED + i))
         ddp_runs.append(run_ddp(args.epochs, args.data_dir, DDP_FIRST_SEED + i))
+        compute_runs.append(run_compute(build_dir, job_path, args.epochs, args.timeout_s))
     tessera, ddp = combine(tessera_runs), combine(ddp_runs)
     ratio = tessera["samples_per_sec"] / ddp["samples_per_sec"]
+    compute = {
+        "samples_per_sec": statistics.median(r["samples_per_sec"] for r in compute_runs),
+        "samples_per_sec_runs": [r["samples_per_sec"] for r in compute_runs],
+        "runs": compute_runs,
+    }
+    compute_over_ddp = compute["samples_per_sec"] / ddp["samples_per_sec"]
+    tessera_over_compute = tessera["samples_per_sec"] / compute["samples_per_sec"]
 
     def acc(r):
         if len(r["test_accuracy_runs"]) == 1:
@@ -414,6 +465,8 @@ def main():
          f"{tessera['samples_per_sec']:.0f}", acc(tessera)),
         (f"PyTorch DDP (gloo, {WORKERS} x 1 thread)",
          f"{ddp['samples_per_sec']:.0f}", acc(ddp)),
+        (f"compute alone ({WORKERS} processes, no servers)",
+         f"{compute['samples_per_sec']:.0f}", "-"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     print()
@@ -425,6 +478,9 @@ def main():
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print(f"Tessera/DDP samples/s: {ratio:.2f}")
+    print(f"compute alone/DDP samples/s: {compute_over_ddp:.2f} (what the workers' own work "
+          "allows here with no exchange at all)")
+    print(f"Tessera/compute alone: {tessera_over_compute:.2f}")
     if machine["torch_blas"]["reference_blas"]:
         print("note: PyTorch multiplies with the reference (netlib) BLAS "
               f"({', '.join(machine['torch_blas']['libraries'])}), "
@@ -441,6 +497,9 @@ def main():
         "tessera": tessera,
         "ddp": ddp,
         "ratio_tessera_over_ddp_samples_per_sec": ratio,
+        "compute_alone": compute,
+        "ratio_compute_alone_over_ddp": compute_over_ddp,
+        "ratio_tessera_over_compute_alone": tessera_over_compute,
         "machine": machine,
     }
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)

@@ -129,7 +129,15 @@ def torch_info():
         return {"torch": "unavailable"}
 
 
-def machine_info():
+def build_march(build_dir):
+    """The -march the build folder compiled with (CMake's TESSERA_MARCH resolved)."""
+    for line in read_first(os.path.join(build_dir, "CMakeCache.txt")).splitlines():
+        if line.startswith("TESSERA_MARCH_RESOLVED:"):
+            return line.split("=", 1)[1] or "compiler default"
+    return "unknown"
+
+
+def machine_info(build_dir):
     try:
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -151,6 +159,7 @@ def machine_info():
         "debian_libblas": debian_blas(),
         "torch": torch_info(),
         "compiler": command_output(["c++", "--version"]).splitlines()[0:1],
+        "build_march": build_march(build_dir),
         "iperf3": (command_output(["iperf3", "--version"]).splitlines() or ["missing"])[0],
         "gnuplot": (command_output(["gnuplot", "--version"]).splitlines() or ["missing"])[0],
         "load_average_at_start": list(os.getloadavg()),
@@ -700,7 +709,7 @@ def write_report(results, path, plots):
         ["Debian libblas.so.3", f"`{m['debian_libblas']}`"],
         ["PyTorch", f"{torch.get('torch', '?')}, BLAS_INFO={torch.get('blas_info', '?')}, loads "
                     + ", ".join(f"`{p}`" for p in torch.get('blas_libraries', [])) ],
-        ["Compiler", " ".join(m.get("compiler", []))],
+        ["Compiler", " ".join(m.get("compiler", [])) + f"; -march={m.get('build_march', '?')}"],
         ["Tools", f"{m['iperf3']}; {m['gnuplot']}"],
         ["Load average at start", ", ".join(f"{x:.2f}" for x in m["load_average_at_start"])],
         ["Source", f"commit `{m.get('source', {}).get('commit', '?')[:12]}`"
@@ -887,7 +896,9 @@ def write_report(results, path, plots):
              f"{dd['samples_per_sec']:.0f}", acc(dd), e["epochs"]],
             ["PyTorch DDP (anchor, reference BLAS)", f"{ANCHORS['pytorch_ddp_samples_per_sec']}",
              "0.8562", 3],
-        ]))
+        ] + ([[f"compute alone: `compute_bench`, {te['workers']} processes, no servers",
+               f"{e['compute_alone']['samples_per_sec']:.0f}", "-", e["epochs"]]]
+             if "compute_alone" in e else [])))
         L.append("")
         ratio = e["ratio_tessera_over_ddp_samples_per_sec"]
         acc_ok = te["test_accuracy"] >= dd["test_accuracy"]
@@ -899,6 +910,13 @@ def write_report(results, path, plots):
                  f"(equal or better: {pass_word(acc_ok)}). Tessera's samples/s is its "
                  "summary figure (whole run, including the held-out evaluation after each epoch); "
                  "DDP's covers its training loop only.\n")
+        if "compute_alone" in e:
+            L.append("The compute-alone row is the Tessera workers' own work (batch gathering, "
+                     "forward and backward on the CPU backend, rank 0's evaluation after each "
+                     "epoch) in the same number of processes with no servers and no exchange: "
+                     "the most any exchange could let them reach on this machine. It is "
+                     f"{e['ratio_compute_alone_over_ddp']:.2f}x DDP, and Tessera reaches "
+                     f"{100 * e['ratio_tessera_over_compute_alone']:.0f}% of it.\n")
         summary_lines.append(["Fashion-MNIST e2e", f"{te['samples_per_sec']:.0f} samples/s",
                               f"{ratio:.2f}x DDP, mean acc "
                               f"{te['test_accuracy']:.4f} vs {dd['test_accuracy']:.4f}",
@@ -1113,7 +1131,7 @@ def main():
     log("machine description")
     results = {
         "benchmark": "tessera",
-        "machine": machine_info(),
+        "machine": machine_info(args.build_dir),
         "anchors": {k: ({str(s): v for s, v in x.items()} if isinstance(x, dict) else x)
                     for k, x in ANCHORS.items()},
         "acceptance": {"pslite_ratio": ACCEPT_PSLITE_RATIO, "iperf3_ratio": ACCEPT_IPERF_RATIO,
