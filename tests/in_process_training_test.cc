@@ -110,7 +110,11 @@ TEST(InProcessTrainingTest, SyncTwoWorkersEqualOneWorkerWithDoubleBatch) {
   }
   // Both workers end with the same parameters too.
   EXPECT_EQ(a[0].final_params, a[1].final_params);
-  EXPECT_LE(max_rel, 1e-5);
+  // Float tolerance: the two runs sum a step's rows in different groupings,
+  // and how far they drift apart in 60 Adam steps depends on the vector
+  // width (5e-6 built for AVX2, 2e-5 for AVX-512 on the development VM).
+  // Training on one worker's half of each batch alone ends about 100 away.
+  EXPECT_LE(max_rel, 1e-4);
   // Guard against a vacuous pass: training moved the parameters.
   JobSpec untrained = one;
   untrained.set_max_steps(1);

@@ -1,6 +1,7 @@
 // Health and lifecycle of the real binaries: NOT_SERVING until a server has
 // joined the coordinator, SERVING after; a clean exit on SIGTERM during
-// training; a server of another job is refused.
+// training; a server of another job is refused; a CPU without the
+// instruction set the build targets is refused before main runs.
 
 #include <netinet/in.h>
 #include <signal.h>
@@ -29,6 +30,36 @@ std::string SeedJob() { return SourceDir() + "/examples/seed_regression.textprot
 
 RunResult Health(const std::string& address, const std::string& dir) {
   return RunProgram({Bin("tessera"), "health", address}, dir, absl::Seconds(10));
+}
+
+// Built for x86-64-v3 or v4, each binary checks the CPU before anything
+// else runs (common/cpu_check.cc). TESSERA_TEST_CPU_LACKS pretends that the
+// CPU lacks one feature of the level.
+TEST(LifecycleTest, BinariesRefuseACpuWithoutTheirInstructionSet) {
+  const std::string march = TESSERA_MARCH_RESOLVED;
+  if (march != "x86-64-v3" && march != "x86-64-v4") {
+    GTEST_SKIP() << "built with -march=" << march << ", which has no start-up check";
+  }
+  const std::string dir = NewTempDir("cpu_check");
+  const std::string lacking = march == "x86-64-v4" ? "avx512bw" : "fma";
+  for (const char* name : {"tessera", "tessera-server", "tessera-worker"}) {
+    SCOPED_TRACE(name);
+    RunResult refused = RunProgram(
+        {"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=" + lacking, Bin(name), "--help"}, dir,
+        absl::Seconds(10));
+    EXPECT_EQ(refused.status, 1) << refused.output;
+    EXPECT_TRUE(absl::StrContains(
+        refused.output, "compiled for " + march + ", and this CPU lacks " + lacking))
+        << refused.output;
+    EXPECT_TRUE(absl::StrContains(refused.output, "-DTESSERA_MARCH=")) << refused.output;
+    EXPECT_FALSE(absl::StrContains(refused.output, "Usage")) << refused.output;
+    // A feature outside the level changes nothing; --help then works.
+    RunResult ran = RunProgram(
+        {"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=sse4a", Bin(name), "--help"}, dir,
+        absl::Seconds(10));
+    EXPECT_EQ(ran.status, 0) << ran.output;
+    EXPECT_TRUE(absl::StrContains(ran.output, "Usage")) << ran.output;
+  }
 }
 
 TEST(LifecycleTest, NotServingUntilJoinedThenServing) {
