@@ -52,7 +52,8 @@
 #     counters are printed too.
 #
 # Usage: async_worker_restart.sh [BIN_DIR [SOURCE_DIR]]
-#   env: MAX_STEPS (3000 per worker), WARMUP_S (3), RESTART_S (3),
+#   env: MAX_STEPS (6000 per worker: worker 0 must still be training when the
+#        restarted worker 1 comes back), WARMUP_S (3), RESTART_S (3),
 #        RUN_LIMIT_S (120 per run), SUBNET (169.254.83), CHAOS_KEEP_LOGS=DIR.
 # Exit 0 all passed, 1 a figure failed, 77 namespaces/iptables unavailable.
 set -euo pipefail
@@ -61,7 +62,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 2 ] && CHAOS_SRC=$2
 source "$here/lib.sh"
 
-max_steps=${MAX_STEPS:-3000}
+max_steps=${MAX_STEPS:-6000}
 warmup_s=${WARMUP_S:-3}
 restart_s=${RESTART_S:-3}
 run_limit_s=${RUN_LIMIT_S:-120}

@@ -45,7 +45,7 @@
 # shard never applied.
 #
 # Usage: freeze.sh [BIN_DIR [SOURCE_DIR]]
-#   env: FREEZE_S (30), MAX_STEPS (3000), WARMUP_S (5), RUN_LIMIT_S (150 after
+#   env: FREEZE_S (30), MAX_STEPS (6000), WARMUP_S (5), RUN_LIMIT_S (150 after
 #        the SIGCONT), SUBNET (169.254.84), CHAOS_KEEP_LOGS=DIR.
 # Exit 0 all passed, 1 a figure failed, 77 namespaces/iptables unavailable.
 set -euo pipefail
@@ -55,7 +55,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/lib.sh"
 
 freeze_s=${FREEZE_S:-30}
-max_steps=${MAX_STEPS:-3000}
+max_steps=${MAX_STEPS:-6000}
 warmup_s=${WARMUP_S:-5}
 run_limit_s=${RUN_LIMIT_S:-150}
 keepalive_s=10

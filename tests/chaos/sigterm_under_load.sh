@@ -41,7 +41,8 @@
 # (server/shard_store.cc Push): the steps in between are lost on shard 0.
 #
 # Usage: sigterm_under_load.sh [BIN_DIR [SOURCE_DIR]]
-#   env: MAX_STEPS (3000), WARMUP_S (5), CHECKPOINT_EVERY (200),
+#   env: MAX_STEPS (8000: the job must outlast WARMUP_S on fast machines),
+#        WARMUP_S (5), CHECKPOINT_EVERY (200),
 #        RESTART_DELAY_S (2), RUN_LIMIT_S (150 after the restart),
 #        SUBNET (169.254.85), CHAOS_KEEP_LOGS=DIR.
 # Exit 0 all passed, 1 a figure failed, 77 namespaces/iptables unavailable.
@@ -51,7 +52,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 2 ] && CHAOS_SRC=$2
 source "$here/lib.sh"
 
-max_steps=${MAX_STEPS:-3000}
+max_steps=${MAX_STEPS:-8000}
 warmup_s=${WARMUP_S:-5}
 every=${CHECKPOINT_EVERY:-200}
 restart_delay_s=${RESTART_DELAY_S:-2}
