@@ -107,9 +107,9 @@ absl::Status Run() {
     const int64_t in_epoch = step % steps_per_epoch;
     if (in_epoch == 0) permutation = EpochPermutation(data.train.rows, job.seed(), epoch);
     WorkerBatchRows(permutation, in_epoch, rank, workers, batch, &rows);
-    TESSERA_ASSIGN_OR_RETURN(const float loss,
-                             backend->ComputeGradients(params, buffer.Gather(data.train, rows),
-                                                       absl::MakeSpan(grads)));
+    TESSERA_ASSIGN_OR_RETURN(
+        const float loss,
+        backend->ComputeGradients(params, buffer.Gather(data.train, rows), absl::MakeSpan(grads)));
     loss_sum += loss;
     const bool epoch_end = in_epoch == steps_per_epoch - 1 || step == total_steps - 1;
     if (evaluate && epoch_end) {
@@ -125,8 +125,8 @@ absl::Status Run() {
       "{\"benchmark\": \"compute\", \"rank\": %d, \"workers\": %d, \"batch_size\": %d, "
       "\"steps\": %d, \"evaluated_rows\": %d, \"seconds\": %.6g, "
       "\"samples_per_sec\": %.6g, \"mean_loss\": %.6g}\n",
-      rank, workers, batch, total_steps, evaluated, seconds,
-      seconds > 0 ? samples / seconds : 0.0, total_steps > 0 ? loss_sum / total_steps : 0.0);
+      rank, workers, batch, total_steps, evaluated, seconds, seconds > 0 ? samples / seconds : 0.0,
+      total_steps > 0 ? loss_sum / total_steps : 0.0);
   const std::string out = absl::GetFlag(FLAGS_out);
   if (out.empty()) {
     std::cout << json;

@@ -30,15 +30,21 @@ bool Lacks(const char* feature, bool supported) {
 [[gnu::constructor(101)]] void CheckCpuLevel() {
   __builtin_cpu_init();
   // __builtin_cpu_supports takes string literals only, hence the macro.
-#define TESSERA_FEATURE(name) {name, static_cast<bool>(__builtin_cpu_supports(name))}
+#define TESSERA_FEATURE(name) \
+  { name, static_cast<bool>(__builtin_cpu_supports(name)) }
   const struct {
     const char* name;
     bool supported;
   } features[] = {
-      TESSERA_FEATURE("avx2"),     TESSERA_FEATURE("fma"),      TESSERA_FEATURE("bmi2"),
+    TESSERA_FEATURE("avx2"),
+    TESSERA_FEATURE("fma"),
+    TESSERA_FEATURE("bmi2"),
 #if TESSERA_CPU_LEVEL >= 4
-      TESSERA_FEATURE("avx512f"),  TESSERA_FEATURE("avx512bw"), TESSERA_FEATURE("avx512cd"),
-      TESSERA_FEATURE("avx512dq"), TESSERA_FEATURE("avx512vl"),
+    TESSERA_FEATURE("avx512f"),
+    TESSERA_FEATURE("avx512bw"),
+    TESSERA_FEATURE("avx512cd"),
+    TESSERA_FEATURE("avx512dq"),
+    TESSERA_FEATURE("avx512vl"),
 #endif
   };
 #undef TESSERA_FEATURE

@@ -44,19 +44,19 @@ TEST(LifecycleTest, BinariesRefuseACpuWithoutTheirInstructionSet) {
   const std::string lacking = march == "x86-64-v4" ? "avx512bw" : "fma";
   for (const char* name : {"tessera", "tessera-server", "tessera-worker"}) {
     SCOPED_TRACE(name);
-    RunResult refused = RunProgram(
-        {"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=" + lacking, Bin(name), "--help"}, dir,
-        absl::Seconds(10));
+    RunResult refused =
+        RunProgram({"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=" + lacking, Bin(name), "--help"}, dir,
+                   absl::Seconds(10));
     EXPECT_EQ(refused.status, 1) << refused.output;
-    EXPECT_TRUE(absl::StrContains(
-        refused.output, "compiled for " + march + ", and this CPU lacks " + lacking))
+    EXPECT_TRUE(absl::StrContains(refused.output,
+                                  "compiled for " + march + ", and this CPU lacks " + lacking))
         << refused.output;
     EXPECT_TRUE(absl::StrContains(refused.output, "-DTESSERA_MARCH=")) << refused.output;
     EXPECT_FALSE(absl::StrContains(refused.output, "Usage")) << refused.output;
     // A feature outside the level changes nothing; --help then works.
-    RunResult ran = RunProgram(
-        {"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=sse4a", Bin(name), "--help"}, dir,
-        absl::Seconds(10));
+    RunResult ran =
+        RunProgram({"/usr/bin/env", "TESSERA_TEST_CPU_LACKS=sse4a", Bin(name), "--help"}, dir,
+                   absl::Seconds(10));
     EXPECT_EQ(ran.status, 0) << ran.output;
     EXPECT_TRUE(absl::StrContains(ran.output, "Usage")) << ran.output;
   }
