@@ -810,7 +810,7 @@ class GrpcParameterClient final : public ParameterClient {
     // reply, sparing the hand-off to the lane threads while the servers
     // still work in parallel. The development VM's Fashion-MNIST job (2
     // servers, 2 workers, 2 cores, five alternating 10-epoch runs) ran
-    // 181-184k samples/s so against 171-178k on the lanes. (Both shards
+    // 181-184k samples/s against 171-178k on the lanes. (Both shards
     // one after the other ran 188-191k there, but that serialises the
     // servers' steps, which larger shards on more cores would feel.) On
     // the stream, large pushes to several servers go out in parallel on
