@@ -176,19 +176,29 @@ class ShardStream {
   // encodes and writes the push; FinishPushAndPull reads the reply and
   // decodes it. A failed write or read goes on as PushAndPull would:
   // reopen the stream and resend with backoff (exactly-once apply makes
-  // the resend safe). Call FinishPushAndPull after every SendPushAndPull
-  // that returned OK.
+  // the resend safe). ReadPushAndPull reads without retrying, so that the
+  // caller can take every shard's reply before any shard's retries wait
+  // out a server that is down; FinishPushAndPull, given what it returned,
+  // retries if need be and decodes. Call both, in that order, after every
+  // SendPushAndPull that returned OK.
   absl::Status SendPushAndPull(int64_t step, absl::Span<const float> grads) {
     TESSERA_RETURN_IF_ERROR(PreparePush(step, grads, nullptr));
     wrote_ = false;
     if (stream_ != nullptr) TESSERA_RETURN_IF_ERROR(ExchangeWrite(&push_, &wrote_));
     return absl::OkStatus();
   }
-  absl::Status FinishPushAndPull(absl::Span<float> params, PushAck* ack, int64_t* version) {
+  absl::Status ReadPushAndPull(absl::Span<float> params) {
     decode_into_ = params;
     absl::Status s = absl::UnavailableError("no stream");
     if (stream_ != nullptr) s = ExchangeRead(&push_, wrote_);
     wrote_ = false;
+    decode_into_ = {};
+    return s;
+  }
+  absl::Status FinishPushAndPull(absl::Status read, absl::Span<float> params, PushAck* ack,
+                                 int64_t* version) {
+    absl::Status s = std::move(read);
+    decode_into_ = params;
     if (!s.ok() && Retryable(s)) s = Call(&push_, std::move(s));
     decode_into_ = {};
     TESSERA_RETURN_IF_ERROR(s);
@@ -754,6 +764,7 @@ class GrpcParameterClient final : public ParameterClient {
         versions_(shards_.size()),
         acks_(shards_.size()),
         sent_(shards_.size()),
+        read_(shards_.size()),
         lanes_(static_cast<int>(shards_.size())) {
     // Which shards hold a block of each parameter, and how many distinct
     // parameters each shard waits for in the split form.
@@ -822,10 +833,16 @@ class GrpcParameterClient final : public ParameterClient {
         acks_[s] = PushAck();
         sent_[s] = shards_[s]->SendPushAndPull(step, grads);
       }
+      // Every reply is read before any shard retries, so a server that is
+      // down holds up the others' replies no longer than one failed read.
+      for (size_t s = 0; s < shards_.size(); ++s) {
+        if (sent_[s].ok()) read_[s] = shards_[s]->ReadPushAndPull(params);
+      }
       absl::Status first;
       for (size_t s = 0; s < shards_.size(); ++s) {
         if (sent_[s].ok()) {
-          sent_[s] = shards_[s]->FinishPushAndPull(params, &acks_[s], &versions_[s]);
+          sent_[s] =
+              shards_[s]->FinishPushAndPull(std::move(read_[s]), params, &acks_[s], &versions_[s]);
         }
         if (first.ok()) first = sent_[s];
       }
@@ -984,7 +1001,9 @@ class GrpcParameterClient final : public ParameterClient {
   // Written by each lane for its own index only.
   std::vector<int64_t> versions_;
   std::vector<PushAck> acks_;
-  std::vector<absl::Status> sent_;  // per shard, the one-thread exchange's
+  // Per shard, the one-thread exchange's outcome so far and its first read.
+  std::vector<absl::Status> sent_;
+  std::vector<absl::Status> read_;
   // Declared after everything the lanes' tasks touch, so the lanes stop
   // first when the client is destroyed.
   ShardLanes lanes_;
