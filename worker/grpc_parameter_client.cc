@@ -170,16 +170,16 @@ class ShardStream {
     return absl::OkStatus();
   }
 
-  // The same exchange in two halves, so that one thread can write every
+  // The same exchange in three steps, so that one thread can write every
   // shard's push before it reads any reply (GrpcParameterClient does so
-  // when every shard's payloads go through shared memory). SendPushAndPull
-  // encodes and writes the push; FinishPushAndPull reads the reply and
-  // decodes it. A failed write or read goes on as PushAndPull would:
-  // reopen the stream and resend with backoff (exactly-once apply makes
-  // the resend safe). ReadPushAndPull reads without retrying, so that the
-  // caller can take every shard's reply before any shard's retries wait
-  // out a server that is down; FinishPushAndPull, given what it returned,
-  // retries if need be and decodes. Call both, in that order, after every
+  // when every shard's payloads go through shared memory).
+  // SendPushAndPull encodes and writes the push. ReadPushAndPull reads the
+  // reply without retrying, so that the caller can take every shard's
+  // reply before any shard's retries wait out a server that is down.
+  // FinishPushAndPull, given what the read returned, goes on as
+  // PushAndPull would after a failed write or read (reopen the stream and
+  // resend with backoff; exactly-once apply makes the resend safe) and
+  // decodes. Call the last two, in that order, after every
   // SendPushAndPull that returned OK.
   absl::Status SendPushAndPull(int64_t step, absl::Span<const float> grads) {
     TESSERA_RETURN_IF_ERROR(PreparePush(step, grads, nullptr));
