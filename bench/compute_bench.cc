@@ -73,8 +73,8 @@ absl::Status Run() {
   TESSERA_ASSIGN_OR_RETURN(const ModelSpec model, ParseModelSpec(job.model(), JobLoss(job)));
   TESSERA_ASSIGN_OR_RETURN(const JobData data, LoadJobData(job, model));
   const int batch = job.batch_size();
-  // As tessera-worker sizes it: evaluation goes in chunks of up to 512 rows.
-  const int64_t eval_chunk = std::max<int64_t>(batch, 512);
+  // Sized as tessera-worker sizes it, for training batches and evaluation.
+  const int64_t eval_chunk = EvalChunkRows(job);
   TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<GradientBackend> backend,
                            CreateCpuBackend(model, eval_chunk));
   TESSERA_ASSIGN_OR_RETURN(const int64_t steps_per_epoch, StepsPerEpoch(job, data.train.rows));

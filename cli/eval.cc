@@ -75,7 +75,7 @@ absl::StatusOr<CheckpointEvaluation> EvaluateCheckpoint(const tessera::v1::JobSp
   // The chunk size and the aligned copy match the trainer's epoch-end
   // evaluation: Eigen's reductions round differently with other chunking
   // or alignment, and the figures should equal what the run printed.
-  const int64_t chunk = std::max<int64_t>(job.batch_size(), 512);
+  const int64_t chunk = EvalChunkRows(job);
   TESSERA_ASSIGN_OR_RETURN(std::unique_ptr<GradientBackend> backend,
                            CreateCpuBackend(model, chunk));
   AlignedVector<float> params(restored->params.begin(), restored->params.end());

@@ -136,6 +136,10 @@ void CountAcks(const ParameterClient::PushPullResult& r, TrainSummary* summary) 
 
 }  // namespace
 
+int64_t EvalChunkRows(const tessera::v1::JobSpec& job) {
+  return std::max<int64_t>(job.batch_size(), 512);
+}
+
 absl::StatusOr<int64_t> StepsPerEpoch(const tessera::v1::JobSpec& job,
                                       int64_t train_rows) {
   const int64_t per_step =
@@ -225,7 +229,7 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
                            StepsPerEpoch(job, train.rows));
   int64_t total_steps = steps_per_epoch * job.epochs();
   if (job.max_steps() > 0) total_steps = std::min(total_steps, job.max_steps());
-  const int64_t eval_chunk = std::max<int64_t>(batch, 512);
+  const int64_t eval_chunk = EvalChunkRows(job);
 
   TrainSummary summary;
   summary.classification = model.loss == LossKind::kSoftmaxCrossEntropy;

@@ -99,6 +99,12 @@ absl::StatusOr<TrainSummary> Train(const tessera::v1::JobSpec& job,
                                    ParameterClient* client,
                                    const TrainerOptions& options);
 
+// Rows per chunk of the held-out evaluation after each epoch: the batch
+// size, and at least 512. Size a backend with it to run both. Whatever
+// evaluates a job's parameters uses the same chunks, because Eigen's
+// reductions round differently with other chunking.
+int64_t EvalChunkRows(const tessera::v1::JobSpec& job);
+
 // Loss and accuracy of `params` on `data`, in chunks of at most `chunk` rows.
 absl::StatusOr<EvalResult> EvaluateDataset(GradientBackend* backend,
                                            absl::Span<const float> params,

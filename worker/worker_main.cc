@@ -185,7 +185,7 @@ int main(int argc, char** argv) {
   if (!data.ok()) return Fail(std::string(data.status().message()));
   absl::StatusOr<std::unique_ptr<tessera::GradientBackend>> backend =
       tessera::CreateBackend(absl::GetFlag(FLAGS_device), *model,
-                             std::max<int64_t>(job->batch_size(), 512),
+                             tessera::EvalChunkRows(*job),
                              absl::GetFlag(FLAGS_gemm_precision));
   if (!backend.ok()) return Fail(std::string(backend.status().message()));
   // Rank 0 alone writes TensorBoard events: one folder, one set of curves.
