@@ -165,8 +165,7 @@ class ShardStream {
     if (s.ok()) s = CallForParams(&push_, params, version);
     wait_param_ = nullptr;
     TESSERA_RETURN_IF_ERROR(s);
-    ack->applied = reply_.push().applied();
-    ack->late = reply_.push().late();
+    TakeAck(ack);
     return absl::OkStatus();
   }
 
@@ -197,14 +196,8 @@ class ShardStream {
   }
   absl::Status FinishPushAndPull(absl::Status read, absl::Span<float> params, PushAck* ack,
                                  int64_t* version) {
-    absl::Status s = std::move(read);
-    decode_into_ = params;
-    if (!s.ok() && Retryable(s)) s = Call(&push_, std::move(s));
-    decode_into_ = {};
-    TESSERA_RETURN_IF_ERROR(s);
-    TESSERA_RETURN_IF_ERROR(Decode(params, version));
-    ack->applied = reply_.push().applied();
-    ack->late = reply_.push().late();
+    TESSERA_RETURN_IF_ERROR(CallForParams(&push_, params, version, std::move(read)));
+    TakeAck(ack);
     return absl::OkStatus();
   }
 
@@ -311,6 +304,12 @@ class ShardStream {
     return absl::StrCat("shard ", shard_, " (", address_, ")");
   }
 
+  // What the reply to the push says of it.
+  void TakeAck(PushAck* ack) const {
+    ack->applied = reply_.push().applied();
+    ack->late = reply_.push().late();
+  }
+
   static bool Retryable(const absl::Status& s) {
     return s.code() == absl::StatusCode::kUnavailable ||
            s.code() == absl::StatusCode::kCancelled ||
@@ -322,7 +321,8 @@ class ShardStream {
   // stream and resending while the failure is one a server restart or a
   // network fault explains.
   // `failed`, when set, is the outcome of an attempt already made (by
-  // FinishPushAndPull), so the loop starts by retrying it.
+  // FinishPushAndPull): returned as it is when OK or not retryable, and
+  // otherwise retried like a failure of the loop's own.
   absl::Status Call(ClientMessage* request, std::optional<absl::Status> failed = std::nullopt) {
     const absl::Time deadline = absl::Now() + options_.retry_timeout;
     absl::Duration backoff = absl::Milliseconds(50);
@@ -571,10 +571,12 @@ class ShardStream {
 
   // Call() for a request answered with parameters: decodes them into
   // `params` (each part as it arrives, when they come in parts).
+  // `failed` as for Call().
   absl::Status CallForParams(ClientMessage* request, absl::Span<float> params,
-                             int64_t* version) {
+                             int64_t* version,
+                             std::optional<absl::Status> failed = std::nullopt) {
     decode_into_ = params;
-    const absl::Status s = Call(request);
+    const absl::Status s = Call(request, std::move(failed));
     decode_into_ = {};
     TESSERA_RETURN_IF_ERROR(s);
     return Decode(params, version);
